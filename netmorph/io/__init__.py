@@ -1,0 +1,1 @@
+"""Checkpoint reading (lazy, one shard open) and writing (sharded, atomic)."""

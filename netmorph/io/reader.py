@@ -1,0 +1,113 @@
+"""Lazy readers over checkpoint tensors. Safetensors shards are memory-mapped and opened one at a time."""
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from netmorph.errors import NetmorphError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def check_safetensors_file(path: Path) -> list[str]:
+    """Validate a shard's header against its size and return its tensor names; a clear error if it is damaged."""
+    size = path.stat().st_size if path.exists() else -1
+    if size < 0:
+        raise NetmorphError(f"missing safetensors shard {path}: re-download the checkpoint")
+    if size < 8:
+        raise NetmorphError(f"empty or truncated safetensors file {path} ({size} bytes): re-download the checkpoint")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise NetmorphError(f"truncated safetensors file {path} (header runs past the end): re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise NetmorphError(f"corrupt safetensors header in {path}: re-download the checkpoint") from None
+    names = [name for name in header if name != "__metadata__"]
+    data_end = max((header[name]["data_offsets"][1] for name in names), default=0)
+    if 8 + header_len + data_end > size:
+        raise NetmorphError(
+            f"truncated safetensors file {path}: {size} bytes on disk, {8 + header_len + data_end} expected; "
+            "re-download the checkpoint"
+        )
+    return names
+
+
+class TensorReader:
+    """Name → tensor access to a checkpoint, without loading it all."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.keys()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.keys():
+            yield name, self.get(name)
+
+
+class SafetensorsReader(TensorReader):
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise NetmorphError(f"corrupt {index}: it has no readable weight_map; re-download it") from None
+            for shard in sorted(set(weight_map.values())):
+                names = set(check_safetensors_file(directory / shard))
+                missing = [name for name, file in weight_map.items() if file == shard and name not in names]
+                if missing:
+                    raise NetmorphError(f"{index} lists {missing[0]} in {shard}, which does not hold it: re-download")
+            self._shard_of = dict(weight_map)
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise NetmorphError(f"no safetensors weights in {directory}")
+            if len(files) > 1:
+                raise NetmorphError(f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}")
+            self._shard_of = {name: files[0].name for name in check_safetensors_file(files[0])}
+        self._open_name: str | None = None
+        self._open_handle = None
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shard_of
+
+    def shard_files(self) -> list[Path]:
+        return [self.directory / shard for shard in sorted(set(self._shard_of.values()))]
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self._shard_of[name]
+        if shard != self._open_name:
+            self._open_handle = safe_open(str(self.directory / shard), framework="pt")
+            self._open_name = shard
+        return self._open_handle.get_tensor(name)
+
+
+class StateDictReader(TensorReader):
+    """Tensors already in memory (a dequantized GGUF file, an explicitly allowed pickle checkpoint)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self._tensors = state_dict
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]

@@ -1,0 +1,107 @@
+"""Sharded safetensors writer and the atomic output directory (temp dir → rename, nothing partial left behind)."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import INDEX_NAME
+
+
+class ShardedWriter:
+    """Collects tensors and flushes a shard whenever the next tensor would exceed `max_shard_bytes`.
+
+    Shards get their final `model-0000i-of-0000n` names in `finish()`, when n is known; a single shard becomes
+    `model.safetensors` with no index.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self._shards):05d}.partial"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            final = self.directory / "model.safetensors"
+            self._shards[0][0].rename(final)
+            return [final]
+        n = len(self._shards)
+        weight_map, files = {}, []
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            files.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+
+def check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse before any work: a non-empty output without --force, or an output inside (or equal to) an input."""
+    resolved = output_dir.resolve()
+    for source in inputs:
+        source = source.resolve()
+        source_dir = source if source.is_dir() else source.parent
+        if resolved == source_dir or source_dir in resolved.parents:
+            raise NetmorphError(f"output dir {output_dir} is inside the input {source_dir}: choose a path outside it")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise NetmorphError(f"output path {output_dir} is a file: choose a directory path")
+        if any(output_dir.iterdir()) and not force:
+            raise NetmorphError(f"output dir {output_dir} is not empty: pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: Path):
+    """Yield a temp dir beside `output_dir`; on success it replaces `output_dir` in one rename, on any failure
+    (exception or Ctrl-C) it is removed, as are parent dirs created for it."""
+    created = [p for p in [output_dir.parent, *output_dir.parent.parents] if not p.exists()]
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    except OSError as e:
+        raise NetmorphError(f"cannot write to {output_dir.parent}: {e.strerror}; choose a writable location") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        if output_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            output_dir.rename(trash / "old")
+            tmp.rename(output_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise

