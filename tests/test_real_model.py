@@ -1,0 +1,143 @@
+"""The bundled SmolLM2-135M-Instruct (fp32, 30 layers, 9 query / 3 KV heads, tied embeddings) on real text."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from netmorph.sources import default_texts
+from tests.helpers import convert, load
+
+pytestmark = pytest.mark.real_model
+
+EXACT_MODES = {"default": {}, "zero-init": {"zero_init": True}, "mirror": {"mirror_weights": True}}
+
+
+@pytest.fixture(scope="module")
+def converted_dirs(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted")
+    return {mode: convert(smollm2_dir, root / mode, **options).output_dir for mode, options in EXACT_MODES.items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def real_texts(tokenizer):
+    texts = [tokenizer(text, return_tensors="pt").input_ids[:, :320] for text in default_texts()]
+    assert len(texts) == 2 and all(ids.shape[1] >= 256 for ids in texts)
+    return texts
+
+
+def greedy_ids(model, tokenizer, prompt="The quick brown fox", new_tokens=32, **kwargs):
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", EXACT_MODES)
+def test_exact_on_real_text(smollm2_dir, converted_dirs, tokenizer, real_texts, mode, backend):
+    original, converted = load(smollm2_dir, backend), load(converted_dirs[mode], backend)
+    with torch.no_grad():
+        for ids in real_texts:
+            diff = (original(ids).logits - converted(ids).logits).abs().max().item()
+            assert diff <= 1e-4, f"{mode}/{backend}: max |Δlogit| {diff:.3e}"
+    assert torch.equal(greedy_ids(original, tokenizer), greedy_ids(converted, tokenizer))
+
+
+def test_kv_cache_generation_equals_full_forward(converted_dirs, tokenizer):
+    model = load(converted_dirs["default"], "sdpa")
+    prompt_len = tokenizer("The quick brown fox", return_tensors="pt").input_ids.shape[1]
+    out = greedy_ids(model, tokenizer, output_scores=True, return_dict_in_generate=True)
+    cached_logits = torch.stack(out.scores, dim=1)[0]  # (32, vocab): logits of each generated step, from the cache
+    with torch.no_grad():
+        full = model(out.sequences, use_cache=False).logits[0, prompt_len - 1 : -1]
+    assert torch.equal(full.argmax(-1), out.sequences[0, prompt_len:])
+    assert (full - cached_logits).abs().max().item() <= 1e-4
+    no_cache = greedy_ids(model, tokenizer, use_cache=False)
+    assert torch.equal(no_cache, out.sequences)
+
+
+def _grads_at_full_mix(directory, ids):
+    model = load(directory, "sdpa").train()
+    for layer in model.model.layers:
+        layer.self_attn.mix.fill_(1.0)
+    model(ids, labels=ids).loss.backward()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["default", "mirror", "zero-init"])
+def test_trainability_at_full_mix(converted_dirs, real_texts, mode):
+    model = _grads_at_full_mix(converted_dirs[mode], real_texts[0][:, :128])
+    config = model.config
+    q_rows, k_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            assert getattr(attn, name).grad.abs().max() > 0, name
+        negative_q, negative_k = attn.q_proj.weight.grad[q_rows:], attn.k_proj.weight.grad[k_rows:]
+        if mode == "zero-init":
+            # Documented saddle: zero q2 and zero k2 give each other zero gradient.
+            assert negative_q.abs().max() == 0 and negative_k.abs().max() == 0
+        else:
+            assert negative_q.abs().max() > 0 and negative_k.abs().max() > 0
+    assert torch.isfinite(torch.stack([p.grad.abs().max() for p in model.parameters() if p.grad is not None])).all()
+
+
+def test_mix_survives_save_and_reload(converted_dirs, tmp_path):
+    model = load(converted_dirs["default"])
+    assert all(layer.self_attn.mix.item() == 0.0 for layer in model.model.layers)
+    for layer in model.model.layers:
+        layer.self_attn.mix.fill_(0.375)
+    model.save_pretrained(tmp_path / "mid-warmup")
+    reloaded = load(tmp_path / "mid-warmup")
+    assert all(layer.self_attn.mix.item() == 0.375 for layer in reloaded.model.layers)
+
+
+def test_loads_and_generates_without_netmorph(converted_dirs):
+    """A fresh process where `import netmorph` fails: trust_remote_code must be enough."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["netmorph"] = None  # any import of netmorph now raises ImportError
+        try:
+            import netmorph
+            raise SystemExit("netmorph importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(converted_dirs["default"])!r}
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        print("GENERATED", out.shape[1] - ids.shape[1])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(converted_dirs["default"].parent / "hf-home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GENERATED 8" in result.stdout
+
+
+def test_sublayer_norm_divergence_is_measured_and_reported(smollm2_dir, tmp_path, capsys):
+    result = convert(smollm2_dir, tmp_path / "subln", sublayer_norm=True, verify=True)
+    report = result.reports[0]
+    card = (tmp_path / "subln" / "README.md").read_text()
+    assert "Approximate" in card and f"{report.max_abs_logit_diff:.3e}" in card
+    # The report's figure is the real divergence: recompute it independently.
+    original, converted = load(smollm2_dir, "sdpa"), load(tmp_path / "subln", "sdpa")
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(default_texts()[0], return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        diff = (original(ids).logits - converted(ids).logits).abs().max().item()
+    assert diff == pytest.approx(report.texts[0].max_abs_logit_diff, rel=1e-4)
+    assert diff > 1e-2  # a per-head RMSNorm cannot preserve the function
+    with capsys.disabled():
+        print(f"\n[measured] --sublayer-norm on SmolLM2: max |Δlogit| {report.max_abs_logit_diff:.3f}, "
+              f"loss {report.texts[0].loss_original:.4f} → {report.texts[0].loss_converted:.4f}")
