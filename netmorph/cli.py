@@ -86,10 +86,9 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
     """
     _setup_logging(False)
     from netmorph.sources import default_texts
-    from netmorph.verify import DEFAULT_PROMPTS, compare_models, load_model
+    from netmorph.verify import DEFAULT_PROMPTS, compare_models, load_pair
 
-    model_a, tokenizer = load_model(original, attn_implementation, trust_remote_code, allow_pickle)
-    model_b, _ = load_model(converted, attn_implementation, trust_remote_code, allow_pickle)
+    model_a, model_b, tokenizer = load_pair(original, converted, attn_implementation, trust_remote_code, allow_pickle)
     named = {p.name: p.read_text(errors="replace") for p in texts} or dict(zip(("text-1", "text-2"), default_texts()))
     report = compare_models(model_a, model_b, tokenizer, named, prompts or DEFAULT_PROMPTS, max_tokens, new_tokens,
                             tolerance)

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from netmorph.errors import NetmorphError
+
 DEFAULT_PROMPTS = ("The quick brown fox", "The license grants you the right to", "Once upon a time")
 
 
@@ -149,10 +151,17 @@ def compare_models(
     return report
 
 
-def load_model(path: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False, allow_pickle=False):
-    """A model and its tokenizer, in fp32, from a model dir, a .gguf file or a YAML config (any netmorph SOURCE)."""
+def load_pair(original: str, converted: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+              allow_pickle: bool = False):
+    """Two fp32 models from any netmorph SOURCEs (model dir, .gguf, YAML) and the tokenizer of the first that has one."""
     import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
     from netmorph.sources import resolve_source
 
-    source = resolve_source(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return source.load_model(attn_implementation), source.load_tokenizer()
+    sources = [resolve_source(p, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for p in (original, converted)]
+    models = [source.load_model(attn_implementation) for source in sources]
+    for source in sources:
+        try:
+            return *models, source.load_tokenizer()
+        except (ValueError, OSError):
+            continue
+    raise NetmorphError(f"neither {original} nor {converted} has a tokenizer: copy the tokenizer files into one of them")

@@ -141,3 +141,44 @@ def test_sublayer_norm_divergence_is_measured_and_reported(smollm2_dir, tmp_path
     with capsys.disabled():
         print(f"\n[measured] --sublayer-norm on SmolLM2: max |Δlogit| {report.max_abs_logit_diff:.3f}, "
               f"loss {report.texts[0].loss_original:.4f} → {report.texts[0].loss_converted:.4f}")
+
+
+def test_verify_command_reports_and_sets_exit_status(smollm2_dir, converted_dirs, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from netmorph.cli import main
+
+    runner = CliRunner()
+    args = ["--json", "--max-tokens", "256", "--new-tokens", "16", "--prompt", "The quick brown fox"]
+    result = runner.invoke(main, ["verify", str(smollm2_dir), str(converted_dirs["mirror"]), *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and len(report["texts"]) == 2 and report["max_abs_logit_diff"] <= 1e-4
+    assert all(t["tokens"] == 256 for t in report["texts"])
+
+    switched_on = load(converted_dirs["mirror"])  # mirror weights at mix = 1: output becomes (1 − λ)·attention
+    for layer in switched_on.model.layers:
+        layer.self_attn.mix.fill_(1.0)
+    switched_on.save_pretrained(tmp_path / "mix1")
+    result = runner.invoke(main, ["verify", str(smollm2_dir), str(tmp_path / "mix1"), *args])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["max_abs_logit_diff"] > 1e-2
+
+
+def test_bundled_gguf_converts_with_no_source(tmp_path):
+    """What `make demo` runs: no SOURCE → the bundled SmolLM2 GGUF, converted and verified."""
+    from click.testing import CliRunner
+
+    from netmorph.cli import main
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["convert-diff-transformer", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Generations match!" in result.stdout and "PASS" in result.stdout
+    card = (out / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "**Exact**" in card and "Generations match!" in card
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "config.yml",
+                 "modeling_netmorph_diff.py", "configuration_netmorph_diff.py"):
+        assert (out / name).exists(), name
