@@ -89,7 +89,7 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
     from netmorph.verify import DEFAULT_PROMPTS, compare_models, load_pair
 
     model_a, model_b, tokenizer = load_pair(original, converted, attn_implementation, trust_remote_code, allow_pickle)
-    named = {p.name: p.read_text(errors="replace") for p in texts} or dict(zip(("text-1", "text-2"), default_texts()))
+    named = {p.name: p.read_text(errors="replace") for p in texts} or default_texts()
     report = compare_models(model_a, model_b, tokenizer, named, prompts or DEFAULT_PROMPTS, max_tokens, new_tokens,
                             tolerance)
     click.echo(report.to_json() if as_json else report.table())

@@ -217,7 +217,7 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         *[f"- {note}" for note in mode_notes(options)],
         "",
         "λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init). `mix` is a buffer in the checkpoint, 0 after conversion;",
-        "raise it (netmorph's warm-up callback does this linearly) to switch the negative branch on.",
+        "raise it during fine-tuning (a linear warm-up from 0 to 1) to switch the negative branch on.",
         "",
         "## Verification (fp32, real text)",
         "",
@@ -248,7 +248,7 @@ def verify_conversion(source: Source, directory: Path, options: ConvertOptions, 
     ).eval()
     original = source.load_model(attn_implementation)
     tokenizer = source.load_tokenizer()
-    texts = dict(zip(("text-1", "text-2"), default_texts()))
+    texts = default_texts()
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     return compare_models(original, converted, tokenizer, texts, prompts, tolerance=options.tolerance)
 
@@ -286,7 +286,6 @@ def convert_diff_transformer(
         if options.verify or options.debug:
             report = verify_conversion(source, tmp, options)
             reports.append(report)
-            log.info("verification against the original:\n%s", report.table())
             if options.exact and report.max_abs_logit_diff > options.tolerance:
                 raise NetmorphError(
                     f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} exceeds {options.tolerance:g} "

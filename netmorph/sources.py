@@ -200,17 +200,17 @@ def resolve_source(
 
 
 @functools.cache
-def default_texts() -> tuple[str, ...]:
-    """Real English text present on every Debian machine (two license files), for verification."""
-    texts = []
+def default_texts() -> dict[str, str]:
+    """Two real English texts present on every Debian machine (license files), by name, for verification."""
+    texts = {}
     for name in ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic"):
         path = Path("/usr/share/common-licenses") / name
         if path.exists():
-            texts.append(path.read_text(errors="replace"))
+            texts[name] = path.read_text(errors="replace")
     if len(texts) < 2:
+        import builtins
         import site  # noqa: F401  (installs the `license` builtin)
 
-        printer = __builtins__["license"] if isinstance(__builtins__, dict) else __builtins__.license
-        printer._Printer__setup()
-        texts.append("\n".join(printer._Printer__lines))
-    return tuple(texts[:2])
+        builtins.license._Printer__setup()
+        texts["python-license"] = "\n".join(builtins.license._Printer__lines)
+    return dict(list(texts.items())[:2])

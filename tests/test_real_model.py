@@ -29,7 +29,7 @@ def tokenizer(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def real_texts(tokenizer):
-    texts = [tokenizer(text, return_tensors="pt").input_ids[:, :320] for text in default_texts()]
+    texts = [tokenizer(text, return_tensors="pt").input_ids[:, :320] for text in default_texts().values()]
     assert len(texts) == 2 and all(ids.shape[1] >= 256 for ids in texts)
     return texts
 
@@ -133,7 +133,7 @@ def test_sublayer_norm_divergence_is_measured_and_reported(smollm2_dir, tmp_path
     assert "Approximate" in card and f"{report.max_abs_logit_diff:.3e}" in card
     # The report's figure is the real divergence: recompute it independently.
     original, converted = load(smollm2_dir, "sdpa"), load(tmp_path / "subln", "sdpa")
-    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(default_texts()[0], return_tensors="pt").input_ids[:, :512]
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, :512]
     with torch.no_grad():
         diff = (original(ids).logits - converted(ids).logits).abs().max().item()
     assert diff == pytest.approx(report.texts[0].max_abs_logit_diff, rel=1e-4)
