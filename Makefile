@@ -6,7 +6,7 @@ STAMP := $(VENV)/.netmorph-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench
 
 install: $(STAMP)
 
@@ -28,3 +28,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_diff_attention.py

@@ -1,0 +1,125 @@
+"""CPU benchmark: differential-attention SmolLM2-135M (converted by netmorph) vs the original, in one run.
+
+Measures forward+backward at 512 tokens and greedy decode of 64 tokens (KV cache), interleaving the two models
+so drift hits both, and prints each ratio next to its FLOP-ideal ratio computed from the shapes. Appends the table
+to BENCHMARKS.md with date, machine and versions.
+
+    .venv/bin/python benchmarks/cpu_diff_attention.py [--repeats 5] [--no-write]
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from netmorph.convert import convert_diff_transformer  # noqa: E402
+from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM  # noqa: E402
+from netmorph.options import ConvertOptions  # noqa: E402
+from netmorph.sources import default_texts, resolve_source  # noqa: E402
+
+
+def flops_per_token(config, context: int, differential: bool) -> float:
+    """Matmul FLOPs of one token through the model with `context` keys (math attention: full rows)."""
+    D, H, G, d, I, V = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                        config.head_dim, config.intermediate_size, config.vocab_size)
+    qk_factor = 2 if differential else 1
+    projections = D * (qk_factor * (H * d + G * d) + G * d + H * d) + 3 * D * I
+    attention = qk_factor * 2 * H * d * context  # scores + weighted sum, per component
+    return 2 * (config.num_hidden_layers * (projections + attention) + D * V)
+
+
+def timed(function, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--no-write", action="store_true", help="Print only; do not append to BENCHMARKS.md.")
+    args = parser.parse_args()
+
+    source = resolve_source(None)
+    original = source.load_model("sdpa")
+    tokenizer = source.load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_diff_transformer(None, Path(tmp) / "diff", ConvertOptions(verify=False))
+        converted = NetmorphDiffForCausalLM.from_pretrained(Path(tmp) / "diff", dtype=torch.float32,
+                                                            attn_implementation="sdpa")
+    models = {"original": original, "converted": converted}
+    ids = tokenizer(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, : args.tokens]
+    prompt = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+
+    def train_step(model):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    def decode(model):
+        model.eval()
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           pad_token_id=tokenizer.eos_token_id)
+
+    results = {}
+    for label, step in (("forward+backward", train_step), ("greedy decode", decode)):
+        for model in models.values():
+            step(model)  # warm-up
+        times = {name: [] for name in models}
+        for _ in range(args.repeats):  # interleaved: each repeat runs both models back to back
+            for name, model in models.items():
+                times[name].append(timed(lambda: step(model), 1))
+        results[label] = {name: statistics.median(values) for name, values in times.items()}
+
+    config = converted.config
+    ideal_train = flops_per_token(config, args.tokens, True) / flops_per_token(config, args.tokens, False)
+    mean_context = prompt.shape[1] + args.new_tokens / 2
+    ideal_decode = flops_per_token(config, mean_context, True) / flops_per_token(config, mean_context, False)
+    rows = [
+        ("forward+backward, 512 tokens", results["forward+backward"], ideal_train),
+        (f"greedy decode, {args.new_tokens} tokens", results["greedy decode"], ideal_decode),
+    ]
+    header = "| measurement | original (s) | converted (s) | converted/original | FLOP-ideal ratio |\n|---|---|---|---|---|"
+    lines = [header] + [
+        f"| {name} | {r['original']:.3f} | {r['converted']:.3f} | {r['converted'] / r['original']:.3f} | {ideal:.3f} |"
+        for name, r, ideal in rows
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.no_write:
+        return
+    command = "python benchmarks/cpu_diff_attention.py " + " ".join(sys.argv[1:])
+    section = (
+        f"\n## CPU: differential-attention SmolLM2-135M vs original ({datetime.date.today().isoformat()})\n\n"
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}; "
+        f"fp32, SDPA, default conversion (doubled heads, mix = 0), median of {args.repeats} interleaved repeats.\n"
+        f"Command: `{command.strip()}`\n\n{table}\n"
+    )
+    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nEvery figure with its date, machine, versions and the command that produced it.\n")
+    with path.open("a") as f:
+        f.write(section)
+    print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
