@@ -38,15 +38,6 @@ def flops_per_token(config, context: int, differential: bool) -> float:
     return 2 * (config.num_hidden_layers * (projections + attention) + D * V)
 
 
-def timed(function, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -85,7 +76,9 @@ def main():
         times = {name: [] for name in models}
         for _ in range(args.repeats):  # interleaved: each repeat runs both models back to back
             for name, model in models.items():
-                times[name].append(timed(lambda: step(model), 1))
+                start = time.perf_counter()
+                step(model)
+                times[name].append(time.perf_counter() - start)
         results[label] = {name: statistics.median(values) for name, values in times.items()}
 
     config = converted.config

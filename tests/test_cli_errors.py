@@ -8,7 +8,6 @@ from click.testing import CliRunner
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from netmorph.cli import main
-from tests.helpers import save_tiny_model
 
 
 def run_cli(*args):

@@ -2,7 +2,6 @@
 
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,9 +49,6 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self.keys()
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.keys():
-            yield name, self.get(name)
 
 
 class SafetensorsReader(TensorReader):
@@ -85,9 +81,6 @@ class SafetensorsReader(TensorReader):
 
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
-
-    def shard_files(self) -> list[Path]:
-        return [self.directory / shard for shard in sorted(set(self._shard_of.values()))]
 
     def get(self, name: str) -> torch.Tensor:
         shard = self._shard_of[name]
