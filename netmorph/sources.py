@@ -8,6 +8,7 @@ Pickle checkpoints (`.bin`, `.pt`) are never loaded unless the user passes --all
 
 import functools
 import importlib.util
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,6 @@ def _load_config(path: Path, kind: str, trust_remote_code: bool):
     config_file = path / "config.json"
     if not config_file.exists():
         raise NetmorphError(f"{path} is not a Hugging Face model directory: it has no config.json")
-    import json
-
     try:
         raw = json.loads(config_file.read_text())
     except ValueError:
