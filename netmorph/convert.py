@@ -16,7 +16,7 @@ from netmorph.io.writer import ShardedWriter, atomic_output_dir, check_output_di
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
-from netmorph.sources import Source, default_texts, resolve_source
+from netmorph.sources import Source, default_text_files, default_texts, resolve_source
 from netmorph.verify import VerifyReport, compare_models
 
 log = logging.getLogger("netmorph")
@@ -183,7 +183,23 @@ def write_training_yaml(directory: Path, yaml_config: dict | None, output_dir: P
         plugins.append(AXOLOTL_PLUGIN)
     data["plugins"] = plugins
     data["diff_attention"] = True
+    if yaml_config is None:
+        for key, value in fresh_training_settings().items():
+            data.setdefault(key, value)
     (directory / "config.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def fresh_training_settings() -> dict:
+    """A short, runnable fine-tune for a config.yml written without an input YAML: real text from this machine,
+    a λ warm-up over the first half, metrics every 10 steps. Edit it for real work."""
+    settings = {"sequence_len": 512, "micro_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": 100,
+                "learning_rate": 2e-5, "logging_steps": 10, "diff_attn_warmup_steps": 50, "diff_attn_log_every": 10,
+                "diff_attn_num_monitor_layers": 3}
+    files = default_text_files()
+    if len(files) >= 2:
+        settings["datasets"] = [{"path": str(files[1]), "type": "completion"}]
+        settings["test_datasets"] = [{"path": str(files[0]), "type": "completion"}]
+    return settings
 
 
 def mode_notes(options: ConvertOptions) -> list[str]:

@@ -78,20 +78,60 @@ class ConvertOptions(BaseModel):
             raise _one_line(e, "invalid option") from None
 
 
-TRAINING_KEYS = ("diff_attn_warmup_steps", "diff_attn_log_every", "diff_attn_num_monitor_layers")
+class DiffAttnArgs(BaseModel):
+    """The differential-attention training keys of the YAML (the seed README's names). Shared by `netmorph train`
+    and the axolotl plugin, which merges this class into axolotl's config schema."""
+
+    diff_attention: bool | None = Field(None, description="The model uses differential attention (set by the converter).")
+    diff_attn_warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up of the mix from 0 to 1 over this many optimizer steps; unset or 0: mix = 1 from the first step.")
+    diff_attn_log_every: int | None = Field(None, ge=1, description="Log differential-attention metrics every N optimizer steps; unset: no metrics.")
+    diff_attn_num_monitor_layers: int = Field(3, ge=1, description="How many layers to monitor, strided over the depth (needs diff_attn_log_every).")
 
 
-class TrainingYaml(BaseModel):
-    """The keys netmorph reads from an axolotl-style YAML; every other key is kept as it is."""
+TRAINING_KEYS = tuple(name for name in DiffAttnArgs.model_fields if name.startswith("diff_attn_"))
+
+
+class DatasetEntry(BaseModel):
+    """One entry of `datasets:` — a local file. .txt is raw text; .jsonl/.json and .parquet rows give `field`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    type: str | None = Field(None, description="axolotl's dataset type; netmorph reads plain text (completion).")
+    field: str = "text"
+
+
+class TrainingYaml(DiffAttnArgs):
+    """The keys netmorph reads from an axolotl-style YAML; every other key is kept as it is (axolotl has hundreds)."""
 
     model_config = ConfigDict(extra="allow")
 
     base_model: str
     output_dir: str | None = None
-    diff_attention: bool | None = None
-    diff_attn_warmup_steps: int | None = Field(None, ge=0)
-    diff_attn_log_every: int | None = Field(None, gt=0)
-    diff_attn_num_monitor_layers: int | None = Field(None, ge=1)
+    datasets: list[DatasetEntry] | None = None
+    test_datasets: list[DatasetEntry] | None = None
+    val_set_size: float = Field(0.0, ge=0, lt=1)
+    sequence_len: int = Field(512, ge=2)
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    num_epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = "adamw_torch"
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    seed: int = 42
+    report_to: str | list[str] = "none"
+    bf16: bool | Literal["auto"] = False
+    gradient_checkpointing: bool = False
+    resume_from_checkpoint: str | None = None
+    auto_resume_from_checkpoints: bool = False
+    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _no_unknown_diff_keys(self):

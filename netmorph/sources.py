@@ -86,6 +86,10 @@ class Source:
             except (ValueError, OSError, KeyError, NotImplementedError) as e:
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise NetmorphError(f"cannot load {self.path}: {first_line}") from None
+            if self.kind == "gguf":
+                # Dequantized to fp32 on load: the GGUF quantization no longer applies, and keeping it blocks saving.
+                self._model.config.__dict__.pop("quantization_config", None)
+                self._model.hf_quantizer = None
             self._model.eval()
         self._model.set_attn_implementation(attn_implementation)
         return self._model
@@ -199,13 +203,15 @@ def resolve_source(
 
 
 @functools.cache
+def default_text_files() -> list[Path]:
+    """Real English text files present on every Debian machine (license files)."""
+    candidates = (Path("/usr/share/common-licenses") / name for name in ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic"))
+    return [path for path in candidates if path.exists()]
+
+
 def default_texts() -> dict[str, str]:
     """Two real English texts present on every Debian machine (license files), by name, for verification."""
-    texts = {}
-    for name in ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic"):
-        path = Path("/usr/share/common-licenses") / name
-        if path.exists():
-            texts[name] = path.read_text(errors="replace")
+    texts = {path.name: path.read_text(errors="replace") for path in default_text_files()}
     if len(texts) < 2:
         import builtins
         import site  # noqa: F401  (installs the `license` builtin)

@@ -66,3 +66,21 @@ def max_logit_diff(model_a, model_b, ids, **kwargs) -> float:
     a = model_a(ids, use_cache=False, **kwargs).logits
     b = model_b(ids, use_cache=False, **kwargs).logits
     return (a - b).abs().max().item()
+
+
+def save_char_tokenizer(directory: Path) -> Path:
+    """A real character-level tokenizer for the tiny models' 97-token vocabulary: 0 <unk>/pad, 1 <s>, 2 </s>, then
+    the 94 printable ASCII characters ' '..'}'; newlines read as spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {chr(c): 3 + i for i, c in enumerate(range(32, 126))}
+    assert len(vocab) == BASE["vocab_size"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(Regex(r"\s"), " ")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -101,14 +101,7 @@ class NetmorphDiffAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, d)
-
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key, value = self._project(hidden_states, position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, ·, S, d)
 
@@ -138,6 +131,33 @@ class NetmorphDiffAttention(nn.Module):
         out = out.reshape(*input_shape, -1).contiguous()
         weights = None if weights_pos is None else weights_pos - lam * weights_neg
         return self.o_proj(out), weights
+
+    def _project(self, hidden_states, position_embeddings):
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, d)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        return query, key, value
+
+    @torch.no_grad()
+    def branch_probabilities(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax maps (B, heads, T, T) of the positive and negative branches for a causal, unpadded sequence,
+        computed with explicit fp32 math. The differential map is `pos − λ·neg` (λ = `lambda_full()`).
+        For monitoring and plots only: O(T²) memory, no cache, no padding."""
+        query, key, _ = self._project(hidden_states, position_embeddings)
+        length = hidden_states.shape[1]
+        positions = torch.arange(length, device=hidden_states.device)
+        allowed = positions[None, :] <= positions[:, None]
+        if self.sliding_window is not None:
+            allowed &= positions[:, None] - positions[None, :] < self.sliding_window
+        maps = []
+        for q, k in zip(query.chunk(2, dim=1), key.chunk(2, dim=1)):
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scores = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
+            maps.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+        return maps[0], maps[1]
 
     def _split_layout_value(self, value: torch.Tensor) -> torch.Tensor:
         # (B, G, S, d) → (B, G/2, S, 2d): differential head j reads [v_g ‖ v_{g+G/2}] for its group g.

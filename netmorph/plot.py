@@ -1,0 +1,141 @@
+"""`netmorph plot`: PNG figures of training runs (loss, λ, attention statistics) and of attention maps.
+
+Figures have a fixed size in pixels (`size` × `DPI`) so they can be compared and embedded without surprises.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from netmorph.errors import NetmorphError
+
+DPI = 100
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise NetmorphError("plotting needs matplotlib: pip install 'netmorph[train]'") from None
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log_history(run_dir: str | Path) -> list[dict]:
+    """The Trainer's log history of a run: `trainer_state.json` in the run directory or its newest checkpoint."""
+    run_dir = Path(run_dir).expanduser()
+    candidates = [run_dir / "trainer_state.json"]
+    candidates += sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))[::-1]
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text())["log_history"]
+    raise NetmorphError(f"no trainer_state.json in {run_dir} or its checkpoints: pass the output_dir of `netmorph train`")
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(entry["step"], entry[key]) for entry in history if isinstance(entry.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_training(run_dirs: list[str | Path], output: str | Path, size: tuple[float, float] = (15, 4.5)) -> Path:
+    """Loss of every run (train and eval) and, for differential-attention runs, λ and the mix and the attention
+    entropies of the monitored layers, side by side."""
+    plt = _pyplot()
+    histories = {Path(d).name or str(d): read_log_history(d) for d in run_dirs}
+    figure, (loss_axis, lambda_axis, entropy_axis) = plt.subplots(1, 3, figsize=size, dpi=DPI)
+    for name, history in histories.items():
+        for key, style in (("loss", "-"), ("eval_loss", "o--")):
+            steps, values = series(history, key)
+            if steps:
+                loss_axis.plot(steps, values, style, label=f"{name} {key.replace('_', ' ')}")
+        for key in sorted({k for entry in history for k in entry if k.startswith("diff_attn/")}):
+            steps, values = series(history, key)
+            short = key.removeprefix("diff_attn/")
+            if key == "diff_attn/mix" or key.endswith("/lambda_full") or key == "diff_attn/lambda_full_mean":
+                lambda_axis.plot(steps, values, label=f"{name} {short}")
+            elif key.endswith("_entropy"):
+                entropy_axis.plot(steps, values, label=f"{name} {short}")
+    _finish(loss_axis, "loss", "step", "loss")
+    _finish(lambda_axis, "λ_full and mix", "step", "value")
+    _finish(entropy_axis, "attention entropy (nats)", "step", "entropy")
+    return _save(figure, output)
+
+
+def _finish(axis, title: str, xlabel: str, ylabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if axis.has_data():
+        axis.legend(fontsize="x-small")
+    else:
+        axis.text(0.5, 0.5, "no data in the logs", ha="center", va="center", transform=axis.transAxes)
+
+
+def _save(figure, output: str | Path) -> Path:
+    output = Path(output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=DPI, format="png")
+    _pyplot().close(figure)
+    return output
+
+
+@torch.no_grad()
+def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Positive and negative softmax maps (heads, T, T) of one differential-attention layer for one sequence,
+    from the layer's real input during a forward pass, and the λ the layer applies."""
+    from netmorph.train.callbacks import diff_attention_modules
+
+    modules = diff_attention_modules(model)
+    if not modules:
+        raise NetmorphError("the model has no differential attention: convert it with `netmorph convert-diff-transformer`")
+    if not 0 <= layer < len(modules):
+        raise NetmorphError(f"--layer {layer} is out of range: the model has layers 0..{len(modules) - 1}")
+    module, captured = modules[layer], {}
+
+    def hook(mod, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        captured["maps"] = mod.branch_probabilities(hidden[:1], kwargs["position_embeddings"])
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids[:1], use_cache=False)
+    finally:
+        handle.remove()
+    positive, negative = captured["maps"]
+    return positive[0], negative[0], module.lambda_full().item()
+
+
+def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, output: str | Path,
+                   size: tuple[float, float] = (15, 5)) -> Path:
+    """The paper's picture: positive, negative and differential (pos − λ·neg) attention of one layer for a prompt,
+    for one head or averaged over heads."""
+    plt = _pyplot()
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    positive, negative, lam = attention_maps(model, input_ids, layer)
+    if head is not None and not 0 <= head < positive.shape[0]:
+        raise NetmorphError(f"--head {head} is out of range: layer {layer} has heads 0..{positive.shape[0] - 1}")
+    pick = (lambda maps: maps[head]) if head is not None else (lambda maps: maps.mean(0))
+    panels = {"positive softmax": pick(positive), "negative softmax": pick(negative),
+              f"differential: pos − λ·neg (λ = {lam:.3f})": pick(positive - lam * negative)}
+    tokens = [tokenizer.decode([t]) for t in input_ids[0].tolist()]
+    figure, axes = plt.subplots(1, 3, figsize=size, dpi=DPI)
+    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    for axis, (title, values) in zip(axes, panels.items()):
+        # Colours clipped at the 99th percentile of the causal region: attention sinks would hide everything else.
+        top = values[causal].abs().quantile(0.99).item() or 1.0
+        if "differential" in title:
+            image = axis.imshow(values.numpy(), cmap="RdBu_r", vmin=-top, vmax=top)  # white = 0, blue = cancelled
+        else:
+            image = axis.imshow(values.numpy(), cmap="viridis", vmin=0, vmax=top)
+        axis.set_title(title, fontsize="small")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+        if len(tokens) <= 32:
+            axis.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+            axis.set_yticks(range(len(tokens)), tokens, fontsize=6)
+    which = f"head {head}" if head is not None else "mean over heads"
+    figure.suptitle(f"layer {layer}, {which}: keys → (columns), queries ↓ (rows)")
+    return _save(figure, output)

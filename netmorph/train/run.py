@@ -1,0 +1,221 @@
+"""`netmorph train` and `netmorph evaluate`: fine-tune and measure a model from an axolotl-style YAML.
+
+Training is the Hugging Face Trainer with netmorph's callbacks, so `accelerate launch -m netmorph.cli train …`
+runs it on several GPUs (DDP/FSDP/DeepSpeed configured through accelerate) with no extra code.
+"""
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from netmorph.errors import NetmorphError
+from netmorph.options import DatasetEntry, TrainingYaml
+from netmorph.sources import Source, read_yaml, resolve_source
+from netmorph.train.callbacks import DiffAttnMonitorCallback, DiffAttnWarmupCallback, diff_attention_modules
+from netmorph.train.data import BlockDataset, pack, read_documents
+
+
+def load_training_yaml(path: str | Path) -> tuple[TrainingYaml, Source]:
+    """The validated settings of a training YAML and its base model as a netmorph Source."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NetmorphError(f"training config {path} does not exist: pass the config.yml written by the converter")
+    settings = TrainingYaml.from_yaml(read_yaml(path), path)
+    return settings, resolve_source(path, trust_remote_code=settings.trust_remote_code)
+
+
+def dataset_blocks(tokenizer, entries: list[DatasetEntry], sequence_len: int, base: Path | None = None) -> torch.Tensor:
+    """Packed (N, sequence_len) blocks of every dataset entry (relative paths are read from `base`)."""
+    documents = []
+    for entry in entries:
+        path = Path(entry.path).expanduser()
+        if not path.is_absolute() and base is not None and not path.exists():
+            path = base / path
+        documents += read_documents(path, entry.field)
+    return pack(tokenizer, documents, sequence_len)
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    global_step: int
+    train_loss: float
+    eval_loss: float | None
+    final_mix: float | None
+
+
+def train(config_path: str | Path, max_steps: int | None = None, output_dir: str | None = None,
+          resume: bool | str | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune `base_model` on `datasets` as the YAML says, save the model (with its modeling code) in
+    `output_dir`, and return the final figures."""
+    from transformers import Trainer, TrainingArguments
+
+    import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+
+    settings, source = load_training_yaml(config_path)
+    config_dir = Path(config_path).expanduser().resolve().parent
+    out = Path(output_dir or settings.output_dir or "").expanduser()
+    if not str(out) or out == Path("."):
+        raise NetmorphError(f"{config_path}: no output_dir: add `output_dir: DIR` to the YAML or pass --output-dir")
+    if not settings.datasets:
+        raise NetmorphError(f"{config_path}: no datasets: add `datasets: [{{path: FILE.txt, type: completion}}]`")
+    if settings.val_set_size and settings.test_datasets:
+        raise NetmorphError(f"{config_path}: val_set_size and test_datasets conflict: keep one of them")
+
+    tokenizer = source.load_tokenizer()
+    blocks = dataset_blocks(tokenizer, settings.datasets, settings.sequence_len, config_dir)
+    eval_blocks = None
+    if settings.test_datasets:
+        eval_blocks = dataset_blocks(tokenizer, settings.test_datasets, settings.sequence_len, config_dir)
+    elif settings.val_set_size:
+        held_out = max(1, int(len(blocks) * settings.val_set_size))
+        if held_out >= len(blocks):
+            raise NetmorphError(f"{config_path}: val_set_size {settings.val_set_size} leaves no training blocks")
+        blocks, eval_blocks = blocks[:-held_out], blocks[-held_out:]
+
+    model = source.load_model("sdpa")
+    model.config.use_cache = False
+    is_diff = bool(diff_attention_modules(model))
+    if settings.diff_attention and not is_diff:
+        raise NetmorphError(f"{config_path}: diff_attention is true but {source.description} has no differential "
+                            "attention: convert it first with `netmorph convert-diff-transformer`")
+
+    steps = max_steps or settings.max_steps
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=settings.micro_batch_size,
+        per_device_eval_batch_size=settings.micro_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_steps=steps or -1,
+        num_train_epochs=settings.num_epochs,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        optim=settings.optimizer,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=settings.save_total_limit,
+        eval_strategy="steps" if eval_blocks is not None and settings.eval_steps else "no",
+        eval_steps=settings.eval_steps,
+        seed=settings.seed,
+        report_to=settings.report_to,
+        bf16=settings.bf16 is True or (settings.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        disable_tqdm=not progress,
+        save_only_model=False,
+    )
+    callbacks = []
+    monitor = None
+    if is_diff:
+        callbacks.append(DiffAttnWarmupCallback(settings.diff_attn_warmup_steps))
+        if settings.diff_attn_log_every:
+            monitor = DiffAttnMonitorCallback(settings.diff_attn_log_every, settings.diff_attn_num_monitor_layers)
+            callbacks.append(monitor)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=BlockDataset(blocks),
+        eval_dataset=None if eval_blocks is None else BlockDataset(eval_blocks), callbacks=callbacks,
+    )
+    if monitor is not None:
+        monitor.trainer = trainer
+
+    checkpoint = resume if resume is not None else settings.resume_from_checkpoint
+    if checkpoint is None and settings.auto_resume_from_checkpoints:
+        checkpoint = True
+    if checkpoint is True and not any(out.glob("checkpoint-*")):
+        checkpoint = None  # nothing to resume yet: start fresh
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_blocks is not None else None
+    save_model(trainer, source, out)
+    modules = diff_attention_modules(model)
+    return TrainResult(str(out), trainer.state.global_step, result.training_loss, eval_loss,
+                       modules[0].mix.item() if modules else None)
+
+
+def save_model(trainer, source: Source, out: Path) -> None:
+    """The final model, tokenizer and (for differential attention) its modeling code, loadable with
+    `trust_remote_code=True` by stock transformers."""
+    trainer.save_model(str(out))
+    trainer.save_state()  # trainer_state.json: the log history `netmorph plot training` reads
+    source.save_tokenizer(out)
+    if source.kind == "hf":
+        for name in ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py"):
+            if (source.path / name).exists():
+                shutil.copy2(source.path / name, out / name)
+
+
+@dataclass
+class EvalResult:
+    model: str
+    tokens: int
+    loss: float
+    perplexity: float
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 1) -> tuple[float, int]:
+    """Token-weighted mean next-token loss of `model` over the blocks, and the number of predicted tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        logits = model(batch, use_cache=False).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count, count
+
+
+def evaluate(model_or_config: str, dataset: str, compare: str | None = None, sequence_len: int = 512,
+             max_blocks: int | None = None, field: str = "text", batch_size: int = 1,
+             trust_remote_code: bool = False) -> list[EvalResult]:
+    """Loss and perplexity of one model, or of two on the same token blocks (tokenized by the first model)."""
+    import netmorph  # noqa: F401
+
+    sources = [_evaluation_source(name, trust_remote_code) for name in [model_or_config] + ([compare] if compare else [])]
+    tokenizer = sources[0].load_tokenizer()
+    if compare:
+        _check_same_vocab(tokenizer, sources[1], model_or_config, compare)
+    blocks = pack(tokenizer, read_documents(dataset, field), sequence_len)[:max_blocks]
+    results = []
+    for name, source in zip([model_or_config, compare], sources):
+        loss, tokens = evaluate_loss(source.load_model("sdpa"), blocks, batch_size)
+        results.append(EvalResult(name, tokens, loss, math.exp(min(loss, 700))))
+    return results
+
+
+def _evaluation_source(name: str, trust_remote_code: bool) -> Source:
+    if Path(name).suffix in (".yml", ".yaml"):
+        return load_training_yaml(name)[1]
+    return resolve_source(name, trust_remote_code=trust_remote_code)
+
+
+def _check_same_vocab(tokenizer, other: Source, first: str, second: str) -> None:
+    try:
+        other_tokenizer = other.load_tokenizer()
+    except (ValueError, OSError):
+        return  # no tokenizer of its own: it is evaluated on the first model's tokens
+    probe = "The quick brown fox: 12345, naïve café."
+    if len(other_tokenizer) != len(tokenizer) or other_tokenizer(probe).input_ids != tokenizer(probe).input_ids:
+        raise NetmorphError(f"{first} and {second} tokenize text differently: losses are only comparable with the same tokenizer")
+
+
+def results_table(results: list[EvalResult]) -> str:
+    lines = [f"{'model':<50} {'tokens':>8} {'loss':>10} {'ppl':>10}"]
+    lines += [f"{r.model[-50:]:<50} {r.tokens:>8} {r.loss:>10.5f} {r.perplexity:>10.3f}" for r in results]
+    if len(results) == 2:
+        delta = results[1].loss - results[0].loss
+        lines.append(f"Δloss (second − first) = {delta:+.3e} ({delta / results[0].loss:+.4%})")
+    return "\n".join(lines)
+
+
+def results_json(results: list[EvalResult]) -> str:
+    payload = {"results": [asdict(r) for r in results]}
+    if len(results) == 2:
+        payload["loss_delta"] = results[1].loss - results[0].loss
+    return json.dumps(payload, indent=2)

@@ -1,0 +1,220 @@
+"""Training differential-attention models: the λ mix warm-up (incl. save/resume mid-warm-up), the metrics monitor
+through TensorBoard, `netmorph train` / `evaluate` / `plot`, and the axolotl plugin with the real axolotl package."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tests.helpers import convert, load, save_char_tokenizer, save_tiny_model
+from netmorph.cli import main
+from netmorph.sources import default_text_files
+from netmorph.train.callbacks import lambda_metrics, mix_at, monitored_layers
+
+WARMUP = 4
+
+
+def test_mix_schedule_values():
+    assert [mix_at(step, 4) for step in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert mix_at(0, None) == mix_at(0, 0) == 1.0
+    assert mix_at(333, 1000) == pytest.approx(0.333)
+
+
+def test_monitored_layers_are_strided_over_the_depth():
+    assert monitored_layers(30, 3) == [0, 14, 29]  # round(i·29/2): 0, 14.5 → 14 (banker's), 29
+    assert monitored_layers(30, 1) == [0]
+    assert monitored_layers(2, 5) == [0, 1]
+    assert monitored_layers(10, 4) == [0, 3, 6, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny_diff(tmp_path_factory):
+    """A tiny Llama with a real character tokenizer, converted to differential attention (exact, mix = 0)."""
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_model(root / "tiny", "llama")
+    save_char_tokenizer(root / "tiny")
+    convert(root / "tiny", root / "tiny-diff")
+    return root
+
+
+def write_config(root: Path, name: str, **changes) -> Path:
+    """The converter's own config.yml, shortened to a few fast steps."""
+    config = yaml.safe_load((root / "tiny-diff" / "config.yml").read_text())
+    config.update(sequence_len=32, max_steps=6, diff_attn_warmup_steps=WARMUP, diff_attn_log_every=2,
+                  diff_attn_num_monitor_layers=2, save_steps=2, report_to="tensorboard", logging_steps=1,
+                  lr_scheduler="constant", learning_rate=1e-3, output_dir=str(root / name), **changes)
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def read_tensorboard(run_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    event_dirs = {p.parent for p in run_dir.glob("runs/*/events.out.tfevents.*")}
+    assert event_dirs, f"no TensorBoard event files under {run_dir}/runs"
+    for directory in event_dirs:
+        accumulator = EventAccumulator(str(directory))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_diff):
+    """`netmorph train` on the converter's config.yml: 6 steps, warm-up 4, checkpoints every 2 steps."""
+    output = run_cli("train", write_config(tiny_diff, "run"), "--no-progress")
+    assert "6 steps" in output and "mix 1" in output
+    return tiny_diff / "run"
+
+
+def test_train_writes_tensorboard_metrics_that_match_the_checkpoints(full_run):
+    scalars = read_tensorboard(full_run)
+    assert set(scalars["train/loss"]) == set(range(1, 7))
+    # The mix reported after step s is the schedule's value for the next step: s / warm-up.
+    assert scalars["train/diff_attn/mix"] == pytest.approx({2: 0.5, 4: 1.0, 6: 1.0})
+    for step in (2, 4, 6):
+        weights = load_file(full_run / f"checkpoint-{step}" / "model.safetensors")
+        assert weights["model.layers.0.self_attn.mix"].item() == pytest.approx(min(1.0, step / WARMUP))
+        vectors = {n: weights[f"model.layers.1.self_attn.{n}"] for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+        lambda_1 = torch.exp((vectors["lambda_q1"] * vectors["lambda_k1"]).sum()).item()
+        lambda_2 = torch.exp((vectors["lambda_q2"] * vectors["lambda_k2"]).sum()).item()
+        lambda_init = weights["model.layers.1.self_attn.lambda_init"].item()
+        assert scalars["train/diff_attn/layer_1/lambda_full"][step] == pytest.approx(lambda_1 - lambda_2 + lambda_init, rel=1e-5)
+        assert scalars["train/diff_attn/layer_1/lambda_q1_norm"][step] == pytest.approx(vectors["lambda_q1"].norm().item(), rel=1e-5)
+    for name in ("attn_pos_entropy", "attn_neg_entropy", "attn_diff_negative_fraction", "attn_pos_std"):
+        assert set(scalars[f"train/diff_attn/layer_0/{name}"]) == {2, 4, 6}
+    assert 0 < scalars["train/diff_attn/layer_0/attn_pos_entropy"][2] <= torch.log(torch.tensor(32.0)).item()
+    assert {"train/diff_attn/lambda_full_mean", "train/diff_attn/lambda_full_min", "train/diff_attn/lambda_full_max"} <= set(scalars)
+    assert "eval/loss" in scalars  # the converter's config.yml holds out a second real text
+
+
+def test_checkpoint_saved_mid_warmup_reloads_with_its_mix(full_run):
+    model = load(full_run / "checkpoint-2")
+    assert all(layer.self_attn.mix.item() == pytest.approx(0.5) for layer in model.model.layers)
+    assert all(layer.self_attn.mix.item() == 1.0 for layer in load(full_run).model.layers)
+
+
+def test_resuming_mid_warmup_continues_the_schedule_exactly(full_run, tiny_diff):
+    import shutil
+
+    resumed = tiny_diff / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full_run / "checkpoint-2", resumed / "checkpoint-2")
+    run_cli("train", write_config(tiny_diff, "resumed"), "--resume", "--no-progress")
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    mixes = {e["step"]: e["diff_attn/mix"] for e in state["log_history"] if "diff_attn/mix" in e}
+    assert mixes == {2: 0.5, 4: 1.0, 6: 1.0}  # the history of checkpoint-2, then the resumed steps
+    assert read_tensorboard(resumed)["train/diff_attn/mix"] == pytest.approx({4: 1.0, 6: 1.0})  # only 3..6 ran again
+    assert state["global_step"] == 6
+    reference, again = load_file(full_run / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert reference.keys() == again.keys()
+    for name in reference:
+        torch.testing.assert_close(again[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_evaluate_compare_of_an_exact_conversion_gives_equal_loss(tiny_diff):
+    text = default_text_files()[0]
+    output = run_cli("evaluate", tiny_diff / "tiny-diff", "--compare", tiny_diff / "tiny", "--dataset", text,
+                     "--sequence-len", 64, "--max-blocks", 8, "--json")
+    report = json.loads(output)
+    first, second = report["results"]
+    assert first["tokens"] == second["tokens"] == 8 * 63
+    assert abs(report["loss_delta"]) <= 1e-4 and first["loss"] > 0
+    table = run_cli("evaluate", tiny_diff / "tiny-diff", "--dataset", text, "--sequence-len", 64, "--max-blocks", 8)
+    assert f"{first['loss']:.5f}" in table
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_plot_training_and_attention_write_pngs_of_the_expected_size(full_run, tiny_diff, tmp_path):
+    run_cli("plot", "training", full_run, "-o", tmp_path / "training.png")
+    assert png_size(tmp_path / "training.png") == (1500, 450)
+    run_cli("plot", "attention", full_run, "--prompt", "The quick brown fox.", "--layer", 1, "-o", tmp_path / "attn.png")
+    assert png_size(tmp_path / "attn.png") == (1500, 500)
+    assert (tmp_path / "attn.png").stat().st_size > 20_000 and (tmp_path / "training.png").stat().st_size > 20_000
+
+
+def test_plot_attention_rejects_a_model_without_differential_attention(tiny_diff, tmp_path):
+    result = CliRunner().invoke(main, ["plot", "attention", str(tiny_diff / "tiny"), "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 2 and "no differential attention" in result.output
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_train_rejects_a_config_without_datasets(tiny_diff):
+    path = write_config(tiny_diff, "nodata", datasets=None)
+    result = CliRunner().invoke(main, ["train", str(path)])
+    assert result.exit_code == 2 and "no datasets" in result.output
+
+
+AXOLOTL_SCRIPT = """
+import json, sys, yaml
+from axolotl.integrations.base import PluginManager
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from netmorph.train.data import BlockDataset, pack, read_documents
+from transformers import AutoTokenizer
+
+cfg = DictDefault(yaml.safe_load(open(sys.argv[1]).read()))
+prepare_plugins(cfg)
+cfg = validate_config(cfg)  # axolotl's own schema, merged with the plugin's args class
+manager = PluginManager.get_instance()
+manager.pre_model_load(cfg)  # registers netmorph's classes: no trust_remote_code below
+model = AutoModelForCausalLM.from_pretrained(cfg.base_model)
+manager.post_model_load(cfg, model)
+tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+blocks = pack(tokenizer, read_documents(cfg.datasets[0]["path"]), cfg.sequence_len)
+args = TrainingArguments(output_dir=cfg.output_dir, max_steps=cfg.max_steps, logging_steps=1, report_to=[],
+                         learning_rate=1e-3, disable_tqdm=True, save_strategy="no")
+trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(blocks))
+for callback in manager.add_callbacks_post_trainer(cfg, trainer):
+    trainer.add_callback(callback)
+trainer.train()
+mixes = {e["step"]: e["diff_attn/mix"] for e in trainer.state.log_history if "diff_attn/mix" in e}
+print("RESULT" + json.dumps({"mixes": mixes, "keys": sorted(k for k in cfg if k.startswith("diff_attn")),
+      "final_mix": float(model.model.layers[0].self_attn.mix)}))
+"""
+
+
+def test_axolotl_plugin_with_the_real_axolotl_package(tiny_diff, tmp_path):
+    pytest.importorskip("axolotl", reason="axolotl is installed by `make test` (pip install --no-deps axolotl)")
+    config = yaml.safe_load((tiny_diff / "tiny-diff" / "config.yml").read_text())
+    assert "netmorph.integrations.axolotl.DifferentialTransformerPlugin" in config["plugins"]
+    config.update(sequence_len=32, max_steps=4, diff_attn_warmup_steps=4, diff_attn_log_every=2,
+                  output_dir=str(tmp_path / "axolotl-run"))
+    path = tmp_path / "axolotl.yml"
+    path.write_text(yaml.safe_dump(config))
+    script = tmp_path / "run_axolotl.py"
+    script.write_text(AXOLOTL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert result["keys"] == ["diff_attn_log_every", "diff_attn_num_monitor_layers", "diff_attn_warmup_steps"]
+    assert result["mixes"] == {"2": 0.5, "4": 1.0} and result["final_mix"] == 1.0
+
+    config["diff_attn_warmup_steps"] = "soon"
+    path.write_text(yaml.safe_dump(config))
+    bad = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "diff_attn_warmup_steps" in bad.stderr
