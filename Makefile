@@ -6,7 +6,7 @@ STAMP := $(VENV)/.netmorph-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench example
 
 install: $(STAMP)
 
@@ -34,3 +34,6 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_diff_attention.py
+
+example: $(STAMP)
+	$(BIN)/python examples/finetune_smollm2.py

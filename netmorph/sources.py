@@ -90,6 +90,7 @@ class Source:
                 # Dequantized to fp32 on load: the GGUF quantization no longer applies, and keeping it blocks saving.
                 self._model.config.__dict__.pop("quantization_config", None)
                 self._model.hf_quantizer = None
+                self._model.is_quantized = False
             self._model.eval()
         self._model.set_attn_implementation(attn_implementation)
         return self._model

@@ -167,6 +167,23 @@ def test_verify_command_reports_and_sets_exit_status(smollm2_dir, converted_dirs
     assert json.loads(result.stdout)["max_abs_logit_diff"] > 1e-2
 
 
+def test_evaluate_compare_gives_equal_loss_for_the_exact_conversion(smollm2_dir, converted_dirs):
+    import json
+
+    from click.testing import CliRunner
+
+    from netmorph.cli import main
+    from netmorph.sources import default_text_files
+
+    args = ["--dataset", str(default_text_files()[0]), "--sequence-len", "256", "--max-blocks", "2", "--json"]
+    result = CliRunner().invoke(main, ["evaluate", str(converted_dirs["default"]), "--compare", str(smollm2_dir), *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    converted, original = report["results"]
+    assert converted["tokens"] == original["tokens"] == 2 * 255
+    assert abs(converted["loss"] - original["loss"]) <= 1e-4 and 1.0 < original["loss"] < 5.0
+
+
 def test_bundled_gguf_converts_with_no_source(tmp_path):
     """What `make demo` runs: no SOURCE → the bundled SmolLM2 GGUF, converted and verified."""
     from click.testing import CliRunner

@@ -137,7 +137,8 @@ def test_evaluate_compare_of_an_exact_conversion_gives_equal_loss(tiny_diff):
     first, second = report["results"]
     assert first["tokens"] == second["tokens"] == 8 * 63
     assert abs(report["loss_delta"]) <= 1e-4 and first["loss"] > 0
-    table = run_cli("evaluate", tiny_diff / "tiny-diff", "--dataset", text, "--sequence-len", 64, "--max-blocks", 8)
+    table = run_cli("evaluate", tiny_diff / "tiny-diff" / "config.yml", "--dataset", text, "--sequence-len", 64,
+                    "--max-blocks", 8)  # a training YAML evaluates its base_model
     assert f"{first['loss']:.5f}" in table
 
 
@@ -218,3 +219,25 @@ def test_axolotl_plugin_with_the_real_axolotl_package(tiny_diff, tmp_path):
     path.write_text(yaml.safe_dump(config))
     bad = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "diff_attn_warmup_steps" in bad.stderr
+
+
+def test_datasets_read_text_jsonl_and_parquet_alike(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from netmorph.errors import NetmorphError
+    from netmorph.train.data import read_documents
+
+    documents = ["first document", "second one\nwith two lines"]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(documents)) + "\n\n")
+    pq.write_table(pa.table({"body": documents}), tmp_path / "a.parquet")
+    (tmp_path / "a.txt").write_text(documents[0])
+    assert read_documents(tmp_path / "a.jsonl", "body") == documents
+    assert read_documents(tmp_path / "a.parquet", "body") == documents
+    assert read_documents(tmp_path / "a.txt") == [documents[0]]
+    with pytest.raises(NetmorphError, match="no string field 'text'"):
+        read_documents(tmp_path / "a.jsonl")
+    with pytest.raises(NetmorphError, match="no column 'text'.*body"):
+        read_documents(tmp_path / "a.parquet")
+    with pytest.raises(NetmorphError, match="does not exist"):
+        read_documents(tmp_path / "missing.txt")
