@@ -107,9 +107,8 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         seed=settings.seed,
         report_to=settings.report_to,
         bf16=settings.bf16 is True or (settings.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
-        gradient_checkpointing=settings.gradient_checkpointing,
         disable_tqdm=not progress,
-        save_only_model=False,
+        **_checkpointing_argument(TrainingArguments, settings.gradient_checkpointing),
     )
     callbacks = []
     monitor = None
@@ -136,6 +135,14 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     modules = diff_attention_modules(model)
     return TrainResult(str(out), trainer.state.global_step, result.training_loss, eval_loss,
                        modules[0].mix.item() if modules else None)
+
+
+def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
+    """Activation checkpointing under its current name (`gradient_checkpointing` is deprecated in transformers 5.x)."""
+    if not enabled:
+        return {}
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
 def save_model(trainer, source: Source, out: Path) -> None:
