@@ -108,6 +108,7 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         report_to=settings.report_to,
         bf16=settings.bf16 is True or (settings.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         disable_tqdm=not progress,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **_checkpointing_argument(TrainingArguments, settings.gradient_checkpointing),
     )
     callbacks = []
