@@ -222,6 +222,17 @@ class NetmorphDiffPreTrainedModel(PreTrainedModel):
             init.constant_(module.mix, 1.0)
 
 
+def _finite_rows(mask):
+    """An additive float mask whose query rows are all masked (e.g. an all-padding sequence, or an fp32 mask cast to
+    fp16/bf16 where finfo.min overflows to −inf) would give softmax(−inf…) = NaN, and the NaN spreads through the batch
+    in the backward pass. Such rows attend to every key instead, as transformers' `_unmask_unattended` does for SDPA;
+    their outputs are meaningless either way (they are padding)."""
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        return mask
+    fully_masked = (mask <= torch.finfo(mask.dtype).min / 2).all(dim=-1, keepdim=True)
+    return mask.masked_fill(fully_masked, 0.0)
+
+
 class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
     def __init__(self, config: NetmorphDiffConfig):
         super().__init__(config)
@@ -252,8 +263,8 @@ class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
         # `generate` may pass the masks already built, one per layer type.
@@ -262,12 +273,15 @@ class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                # An empty cache gives the same mask sizes as none, and without it transformers detects documents
+                # packed via position_ids (it skips that detection whenever a cache object exists).
+                past_key_values=past_key_values if past_seen > 0 else None,
                 position_ids=position_ids,
             )
             mask_by_layer_type = {"full_attention": create_causal_mask(**mask_kwargs)}
             if "sliding_attention" in self.config.layer_types:
                 mask_by_layer_type["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        mask_by_layer_type = {kind: _finite_rows(mask) for kind, mask in mask_by_layer_type.items()}
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
