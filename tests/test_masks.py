@@ -218,10 +218,33 @@ def test_raw_attention_module_matches_the_float64_reference(converted, layout, b
     positions = torch.arange(9)[None].expand(2, -1)
     cos_sin = model.model.rotary_emb(hidden, position_ids=positions)
     allowed = allowed_matrix(torch.ones(1, 9, dtype=torch.bool), prefix=3)[0]
-    additive = torch.zeros(9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None].expand(2, 1, 9, 9)
+    additive = torch.zeros(9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None].expand(2, 1, 9, 9).contiguous()
     with torch.no_grad():
         query, key, value = attention._project(hidden, cos_sin)
         out, _ = attention(hidden, cos_sin, attention_mask=additive)
         expected = reference_attention(query, key, value, attention.lambda_full().item(), allowed, attention.scaling, layout)
         expected = attention.o_proj(expected.reshape(2, 9, -1).float())
     assert (out - expected).abs().max().item() <= TOL
+
+
+def test_custom_attention_function_without_mask_function_is_refused_not_unmasked(converted):
+    """transformers hands an attention function registered without a mask function no mask at all."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("netmorph_test_sdpa", sdpa_attention_forward)
+    model = switched_on(converted["llama", "doubled"], "sdpa")
+    model.set_attn_implementation("netmorph_test_sdpa")
+    ids = random_ids(batch=2, length=8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="has no mask function"):
+        model(ids, attention_mask=mask, use_cache=False)
+
+    AttentionMaskInterface.register("netmorph_test_sdpa", sdpa_mask)  # with a mask function it is the sdpa path
+    with torch.no_grad():
+        custom = model(ids, attention_mask=mask, use_cache=False).logits
+        model.set_attn_implementation("sdpa")
+        reference = model(ids, attention_mask=mask, use_cache=False).logits
+    assert (custom - reference)[mask.bool()].abs().max().item() <= 1e-6

@@ -22,7 +22,11 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -105,6 +109,8 @@ class NetmorphDiffAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, ·, S, d)
 
+        if self.config._attn_implementation == "flex_attention" and isinstance(attention_mask, torch.Tensor):
+            attention_mask = _block_mask_from_tensor(attention_mask)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -222,6 +228,36 @@ class NetmorphDiffPreTrainedModel(PreTrainedModel):
             init.constant_(module.mix, 1.0)
 
 
+def _block_mask_from_tensor(mask: torch.Tensor):
+    """A FlexAttention BlockMask from a 4-D tensor mask (bool: True attends; float: additive). transformers would
+    index the tensor inside score_mod over whole 128-blocks, reading past its end when the length is not a multiple of
+    128 (memory corruption on CPU); the mask is padded with False here so every read is in bounds."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.any(dim=1) if allowed.shape[1] > 1 else allowed[:, 0]  # (B, Q, K); masks are shared by heads
+    batch, q_len, kv_len = allowed.shape
+    padded = nn.functional.pad(allowed, (0, -kv_len % 128, 0, -q_len % 128), value=False)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return padded[b, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=mask.device)
+
+
+def _check_mask_function(implementation: str, attention_mask) -> None:
+    """transformers builds no mask at all for an attention function registered without a mask function: padding and
+    custom masks would be silently ignored. Refuse instead of computing something else."""
+    if implementation in ALL_MASK_ATTENTION_FUNCTIONS or attention_mask is None:
+        return
+    if attention_mask.ndim == 2 and bool(attention_mask.all()):
+        return  # no padding: nothing to lose (the kernel applies causality itself)
+    raise ValueError(
+        f"attention implementation {implementation!r} has no mask function, so transformers would drop the attention "
+        "mask: register one with transformers.AttentionMaskInterface.register(name, fn) or use sdpa/eager/flex_attention"
+    )
+
+
 def _finite_rows(mask):
     """An additive float mask whose query rows are all masked (e.g. an all-padding sequence, or an fp32 mask cast to
     fp16/bf16 where finfo.min overflows to −inf) would give softmax(−inf…) = NaN, and the NaN spreads through the batch
@@ -269,6 +305,7 @@ class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
 
         # `generate` may pass the masks already built, one per layer type.
         if not isinstance(mask_by_layer_type := attention_mask, dict):
+            _check_mask_function(self.config._attn_implementation, attention_mask)
             mask_kwargs = dict(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
