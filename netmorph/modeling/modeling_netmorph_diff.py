@@ -259,14 +259,16 @@ def _check_mask_function(implementation: str, attention_mask) -> None:
 
 
 def _finite_rows(mask):
-    """An additive float mask whose query rows are all masked (e.g. an all-padding sequence, or an fp32 mask cast to
-    fp16/bf16 where finfo.min overflows to −inf) would give softmax(−inf…) = NaN, and the NaN spreads through the batch
-    in the backward pass. Such rows attend to every key instead, as transformers' `_unmask_unattended` does for SDPA;
-    their outputs are meaningless either way (they are padding)."""
+    """An additive float mask whose query row is masked everywhere (the padding positions of a left-padded batch, or an
+    fp32 mask cast to fp16/bf16 where finfo.min overflows to −inf) gives softmax(−inf, …) = NaN, and the NaN spreads
+    through the batch in the backward pass. Such rows get finfo.min / 2 everywhere: uniform attention, as a stock
+    model computes for them in fp32 (their outputs are padding either way), and far enough from −inf that adding
+    the scores cannot overflow in half precision."""
     if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
         return mask
-    fully_masked = (mask <= torch.finfo(mask.dtype).min / 2).all(dim=-1, keepdim=True)
-    return mask.masked_fill(fully_masked, 0.0)
+    floor = torch.finfo(mask.dtype).min / 2
+    fully_masked = (mask <= floor).all(dim=-1, keepdim=True)
+    return mask.masked_fill(fully_masked, floor)
 
 
 class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
