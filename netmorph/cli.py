@@ -11,13 +11,17 @@ from netmorph.options import ConvertOptions, click_options
 
 
 class _Group(click.Group):
-    """Turns a NetmorphError into one line on stderr and exit status 2."""
+    """Turns a NetmorphError, or a flag click cannot parse, into one line on stderr and exit status 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except NetmorphError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
+            click.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
             sys.exit(2)
 
 

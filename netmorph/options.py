@@ -1,5 +1,6 @@
 """Options as pydantic models: one source of truth for CLI flags, YAML keys, validation and help text."""
 
+import difflib
 import re
 from typing import Literal, get_args, get_origin
 
@@ -10,9 +11,13 @@ from netmorph.errors import NetmorphError
 
 
 def _one_line(error: ValidationError, where: str) -> NetmorphError:
+    """The first validation error as one line naming the key; a model-level check's own message as it is."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "options"
-    return NetmorphError(f"{where}: {key}: {first['msg']}")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:
+        return NetmorphError(message if where == "invalid option" else f"{where}: {message}")
+    key = ".".join(str(part) for part in first["loc"])
+    return NetmorphError(f"{where}: {key}: {message}")
 
 
 def parse_size(text: str) -> int:
@@ -72,9 +77,6 @@ class ConvertOptions(BaseModel):
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "value_error":
-                raise NetmorphError(str(first["msg"]).removeprefix("Value error, ")) from None
             raise _one_line(e, "invalid option") from None
 
 
@@ -134,20 +136,23 @@ class TrainingYaml(DiffAttnArgs):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _no_unknown_diff_keys(self):
-        unknown = sorted(k for k in (self.model_extra or {}) if k.startswith("diff_attn"))
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r}; known diff_attn keys: {', '.join(TRAINING_KEYS)}")
+    def _no_unknown_netmorph_keys(self):
+        """Other tools' keys pass through, but a key in netmorph's namespace (diff_attn*) or a near-miss of one of
+        netmorph's keys is a typo that would otherwise be ignored silently."""
+        known = [name for name in type(self).model_fields]
+        for key in sorted(str(k) for k in (self.model_extra or {})):
+            if key.startswith("diff_attn"):
+                raise ValueError(f"unknown key {key!r}; known diff_attn keys: {', '.join(TRAINING_KEYS)}")
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(f"unknown key {key!r}: did you mean {close[0]!r}?")
         return self
 
     @classmethod
     def from_yaml(cls, data: dict, path) -> "TrainingYaml":
         try:
-            return cls(**data)
+            return cls.model_validate(data)  # not cls(**data): YAML keys may be numbers, null or booleans
         except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "value_error":
-                raise NetmorphError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
             raise _one_line(e, str(path)) from None
 
 
