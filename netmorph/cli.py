@@ -36,6 +36,9 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("netmorph").setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("transformers", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # keeps stderr to netmorph's lines (and one line on error)
 
 
 @main.command("convert-diff-transformer")

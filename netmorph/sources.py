@@ -9,6 +9,7 @@ Pickle checkpoints (`.bin`, `.pt`) are never loaded unless the user passes --all
 import functools
 import importlib.util
 import json
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,15 @@ class Source:
         for path in pickles:
             try:
                 state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as e:  # weights_only refuses any pickle that would run code; torch raises many types
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            except pickle.UnpicklingError as e:
+                if "weights only" not in str(e).lower():
+                    raise NetmorphError(f"cannot read {path}: it is not a readable PyTorch checkpoint; re-download it") from None
                 raise NetmorphError(
-                    f"refusing {path}: torch.load(weights_only=True) cannot load it safely ({first_line[:160]}); "
-                    "convert it to safetensors with a tool you trust"
+                    f"refusing {path}: it holds more than plain tensors, so loading it could run code "
+                    "(torch.load(weights_only=True) refused it); convert it to safetensors with a tool you trust"
                 ) from None
+            except (RuntimeError, EOFError, OSError, ValueError):  # not a zip/pickle, truncated
+                raise NetmorphError(f"cannot read {path}: it is not a readable PyTorch checkpoint; re-download it") from None
         return StateDictReader(state_dict)
 
     def save_tokenizer(self, destination: Path) -> None:
@@ -144,7 +148,13 @@ class Source:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self._pretrained_dir, **self._pretrained_kwargs())
+        try:
+            return AutoTokenizer.from_pretrained(self._pretrained_dir, **self._pretrained_kwargs())
+        except Exception as e:  # tokenizer converters raise KeyError, ValueError, OSError, TypeError ...
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NetmorphError(
+                f"cannot load the tokenizer of {self.path}: {first_line[:200]}; add the tokenizer files to it"
+            ) from None
 
     def save_generation_config(self, destination: Path) -> None:
         if self.kind == "hf" and (self.path / "generation_config.json").exists():

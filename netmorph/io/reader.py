@@ -25,10 +25,10 @@ def check_safetensors_file(path: Path) -> list[str]:
             raise NetmorphError(f"truncated safetensors file {path} (header runs past the end): re-download it")
         try:
             header = json.loads(f.read(header_len))
-        except ValueError:
+            names = [name for name in header if name != "__metadata__"]
+            data_end = max((int(header[name]["data_offsets"][1]) for name in names), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
             raise NetmorphError(f"corrupt safetensors header in {path}: re-download the checkpoint") from None
-    names = [name for name in header if name != "__metadata__"]
-    data_end = max((header[name]["data_offsets"][1] for name in names), default=0)
     if 8 + header_len + data_end > size:
         raise NetmorphError(
             f"truncated safetensors file {path}: {size} bytes on disk, {8 + header_len + data_end} expected; "
@@ -76,7 +76,9 @@ class SafetensorsReader(TensorReader):
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise NetmorphError(f"corrupt {index}: it has no readable weight_map; re-download it") from None
             for shard in sorted(set(weight_map.values())):
                 names = set(check_safetensors_file(directory / shard))
@@ -89,7 +91,9 @@ class SafetensorsReader(TensorReader):
             if not files:
                 raise NetmorphError(f"no safetensors weights in {directory}")
             if len(files) > 1:
-                raise NetmorphError(f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}")
+                raise NetmorphError(
+                    f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}: re-download the checkpoint"
+                )
             self._shard_of = {name: files[0].name for name in check_safetensors_file(files[0])}
         self._open_name: str | None = None
         self._open_handle = None
