@@ -17,12 +17,20 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except NetmorphError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
         except click.UsageError as e:
             command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
-            click.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
-            sys.exit(2)
+            _fail(f"{e.format_message()} (see `{command} --help`)")
+
+
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # everything str.splitlines() splits on
+
+
+def _fail(message: str):
+    """One line on stderr, even when a path or value in the message holds a line break; exit status 2."""
+    escaped = "".join(c.encode("unicode_escape").decode() if c in LINE_BREAKS else c for c in message)
+    click.echo(f"error: {escaped}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

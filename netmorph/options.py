@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
 class ConvertOptions(BaseModel):
     """Options of `netmorph convert-diff-transformer`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     zero_init: bool = Field(False, description="Negative q/k start at zero (exact; but zero q2 AND zero k2 is a saddle: neither gets a gradient).")
     mirror_weights: bool = Field(False, description="Negative q/k start as copies of the positive ones (exact while mix=0).")
