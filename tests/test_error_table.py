@@ -473,7 +473,7 @@ def run_in_subprocess(args, preexec) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONDONTWRITEBYTECODE": "1"}
     code = "import sys; sys.argv[0] = 'netmorph'; from netmorph.cli import main; main()"
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, preexec_fn=preexec,
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=False, env=env, preexec_fn=preexec,
                             capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
