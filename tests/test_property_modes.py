@@ -64,7 +64,10 @@ def test_split_heads_is_exact_when_paired_heads_attend_alike(params):
         convert(source, Path(tmp) / "out", seed=seed, **mode)
         ids = random_ids(length=length, seed=seed)
         for backend in ("eager", "sdpa"):
-            assert max_logit_diff(load(source, backend), load(Path(tmp) / "out", backend), ids) <= 1e-5
+            # fp32, 1e-4 (netmorph's verification tolerance): o_proj's columns are regrouped and V is read as 2d-wide
+            # heads, so sums run in another order than in the source (measured up to ~1.2e-5); the control below
+            # shows an unpaired model differing by > 1e-2.
+            assert max_logit_diff(load(source, backend), load(Path(tmp) / "out", backend), ids) <= 1e-4
 
 
 def test_split_heads_without_paired_heads_is_not_exact(tmp_path):
