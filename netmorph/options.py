@@ -144,7 +144,9 @@ class TrainingYaml(DiffAttnArgs):
             if key.startswith("diff_attn"):
                 raise ValueError(f"unknown key {key!r}; known diff_attn keys: {', '.join(TRAINING_KEYS)}")
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
-            if close:
+            # A typo keeps the length (± 2); a longer key that extends a known one (axolotl's
+            # gradient_checkpointing_kwargs) is another tool's key.
+            if close and abs(len(key) - len(close[0])) <= 2 and not key.startswith(close[0]):
                 raise ValueError(f"unknown key {key!r}: did you mean {close[0]!r}?")
         return self
 
