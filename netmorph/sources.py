@@ -86,6 +86,11 @@ class Source:
                 self._model = AutoModelForCausalLM.from_pretrained(
                     self._pretrained_dir, dtype=torch.float32, **self._pretrained_kwargs(), **safetensors
                 )
+            except pickle.UnpicklingError:
+                raise NetmorphError(
+                    f"refusing {self.path}: its pickle weights hold more than plain tensors, so loading them could run "
+                    "code (torch.load(weights_only=True) refused them); convert them to safetensors with a tool you trust"
+                ) from None
             except (ValueError, OSError, KeyError, NotImplementedError) as e:
                 if self.kind == "gguf":
                     check_gguf_file(self.path)  # names the tensor whose type cannot be dequantized

@@ -444,6 +444,18 @@ def verify_pickle(case):
     return ["verify", case.src, case.out]
 
 
+@row("`verify --allow-pickle` on a `.bin` that runs code when unpickled",
+     "refusing SRC: its pickle weights hold more than plain tensors, so loading them could run code "
+     "(torch.load(weights_only=True) refused them); convert them to safetensors with a tool you trust")
+def verify_pickle_with_code(case):
+    (case.src / WEIGHTS).unlink()
+    with (case.src / "pytorch_model.bin").open("wb") as f:
+        pickle.dump({"model.norm.weight": RunsCode(case.tmp / "code-ran")}, f)
+    case.out = case.tmp / "also-src"
+    save_tiny_model(case.out, "llama")
+    return ["verify", case.src, case.out, "--allow-pickle"]
+
+
 # --- running a row ---------------------------------------------------------------------------------------------
 
 def expected_pattern(message: str, case: Case) -> str:
