@@ -11,14 +11,26 @@ from netmorph.options import ConvertOptions, click_options
 
 
 class _Group(click.Group):
-    """Turns a NetmorphError into one line on stderr and exit status 2."""
+    """Turns a NetmorphError, or a flag click cannot parse, into one line on stderr and exit status 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except NetmorphError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except click.UsageError as e:
+            command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
+            _fail(f"{e.format_message()} (see `{command} --help`)")
+
+
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # everything str.splitlines() splits on
+
+
+def _fail(message: str):
+    """One line on stderr, even when a path or value in the message holds a line break; exit status 2."""
+    escaped = "".join(c.encode("unicode_escape").decode() if c in LINE_BREAKS else c for c in message)
+    click.echo(f"error: {escaped}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -32,6 +44,9 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("netmorph").setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("transformers", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # keeps stderr to netmorph's lines (and one line on error)
 
 
 @main.command("convert-diff-transformer")

@@ -302,7 +302,7 @@ def convert_diff_transformer(
         if options.verify or options.debug:
             report = verify_conversion(source, tmp, options)
             reports.append(report)
-            if options.exact and report.max_abs_logit_diff > options.tolerance:
+            if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
                 raise NetmorphError(
                     f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} exceeds {options.tolerance:g} "
                     "in an exact mode; nothing was written (please report this as a bug)"

@@ -1,5 +1,6 @@
 """Options as pydantic models: one source of truth for CLI flags, YAML keys, validation and help text."""
 
+import difflib
 import re
 from typing import Literal, get_args, get_origin
 
@@ -10,9 +11,13 @@ from netmorph.errors import NetmorphError
 
 
 def _one_line(error: ValidationError, where: str) -> NetmorphError:
+    """The first validation error as one line naming the key; a model-level check's own message as it is."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "options"
-    return NetmorphError(f"{where}: {key}: {first['msg']}")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:
+        return NetmorphError(message if where == "invalid option" else f"{where}: {message}")
+    key = ".".join(str(part) for part in first["loc"])
+    return NetmorphError(f"{where}: {key}: {message}")
 
 
 def parse_size(text: str) -> int:
@@ -27,7 +32,7 @@ def parse_size(text: str) -> int:
 class ConvertOptions(BaseModel):
     """Options of `netmorph convert-diff-transformer`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     zero_init: bool = Field(False, description="Negative q/k start at zero (exact; but zero q2 AND zero k2 is a saddle: neither gets a gradient).")
     mirror_weights: bool = Field(False, description="Negative q/k start as copies of the positive ones (exact while mix=0).")
@@ -72,9 +77,6 @@ class ConvertOptions(BaseModel):
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "value_error":
-                raise NetmorphError(str(first["msg"]).removeprefix("Value error, ")) from None
             raise _one_line(e, "invalid option") from None
 
 
@@ -134,20 +136,25 @@ class TrainingYaml(DiffAttnArgs):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _no_unknown_diff_keys(self):
-        unknown = sorted(k for k in (self.model_extra or {}) if k.startswith("diff_attn"))
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r}; known diff_attn keys: {', '.join(TRAINING_KEYS)}")
+    def _no_unknown_netmorph_keys(self):
+        """Other tools' keys pass through, but a key in netmorph's namespace (diff_attn*) or a near-miss of one of
+        netmorph's keys is a typo that would otherwise be ignored silently."""
+        known = [name for name in type(self).model_fields]
+        for key in sorted(str(k) for k in (self.model_extra or {})):
+            if key.startswith("diff_attn"):
+                raise ValueError(f"unknown key {key!r}; known diff_attn keys: {', '.join(TRAINING_KEYS)}")
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+            # A typo keeps the length (± 2); a longer key that extends a known one (axolotl's
+            # gradient_checkpointing_kwargs) is another tool's key.
+            if close and abs(len(key) - len(close[0])) <= 2 and not key.startswith(close[0]):
+                raise ValueError(f"unknown key {key!r}: did you mean {close[0]!r}?")
         return self
 
     @classmethod
     def from_yaml(cls, data: dict, path) -> "TrainingYaml":
         try:
-            return cls(**data)
+            return cls.model_validate(data)  # not cls(**data): YAML keys may be numbers, null or booleans
         except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "value_error":
-                raise NetmorphError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
             raise _one_line(e, str(path)) from None
 
 

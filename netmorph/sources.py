@@ -9,6 +9,7 @@ Pickle checkpoints (`.bin`, `.pt`) are never loaded unless the user passes --all
 import functools
 import importlib.util
 import json
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from netmorph.errors import NetmorphError
-from netmorph.io.reader import SafetensorsReader, StateDictReader, TensorReader
+from netmorph.io.reader import SafetensorsReader, StateDictReader, TensorReader, check_gguf_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -78,12 +79,21 @@ class Source:
         from transformers import AutoModelForCausalLM
 
         if self._model is None:
+            if self.kind == "hf":
+                self._check_weight_files()
             try:
                 safetensors = {} if self.kind == "gguf" else {"use_safetensors": not self.allow_pickle}
                 self._model = AutoModelForCausalLM.from_pretrained(
                     self._pretrained_dir, dtype=torch.float32, **self._pretrained_kwargs(), **safetensors
                 )
+            except pickle.UnpicklingError:
+                raise NetmorphError(
+                    f"refusing {self.path}: its pickle weights hold more than plain tensors, so loading them could run "
+                    "code (torch.load(weights_only=True) refused them); convert them to safetensors with a tool you trust"
+                ) from None
             except (ValueError, OSError, KeyError, NotImplementedError) as e:
+                if self.kind == "gguf":
+                    check_gguf_file(self.path)  # names the tensor whose type cannot be dequantized
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise NetmorphError(f"cannot load {self.path}: {first_line}") from None
             if self.kind == "gguf":
@@ -95,11 +105,12 @@ class Source:
         self._model.set_attn_implementation(attn_implementation)
         return self._model
 
-    def reader(self) -> TensorReader:
-        if self.kind == "gguf":
-            return StateDictReader(dict(self.load_model().state_dict()))
+    def _check_weight_files(self) -> list[Path]:
+        """Validate the safetensors shards (a clear error for a missing or truncated one) and return [], or refuse
+        pickle-only weights unless allowed and return the pickle files."""
         if list(self.path.glob("*.safetensors")):
-            return SafetensorsReader(self.path)
+            SafetensorsReader(self.path)
+            return []
         pickles = [p for pattern in PICKLE_PATTERNS for p in sorted(self.path.glob(pattern))]
         if not pickles:
             raise NetmorphError(f"no weights found in {self.path}: expected *.safetensors files")
@@ -108,9 +119,27 @@ class Source:
                 f"{self.path} holds only pickle weights ({pickles[0].name}); netmorph never loads pickle by default: "
                 "convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
             )
+        return pickles
+
+    def reader(self) -> TensorReader:
+        if self.kind == "gguf":
+            return StateDictReader(dict(self.load_model().state_dict()))
+        pickles = self._check_weight_files()
+        if not pickles:
+            return SafetensorsReader(self.path)
         state_dict = {}
         for path in pickles:
-            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+            except pickle.UnpicklingError as e:
+                if "weights only" not in str(e).lower():
+                    raise NetmorphError(f"cannot read {path}: it is not a readable PyTorch checkpoint; re-download it") from None
+                raise NetmorphError(
+                    f"refusing {path}: it holds more than plain tensors, so loading it could run code "
+                    "(torch.load(weights_only=True) refused it); convert it to safetensors with a tool you trust"
+                ) from None
+            except (RuntimeError, EOFError, OSError, ValueError):  # not a zip/pickle, truncated
+                raise NetmorphError(f"cannot read {path}: it is not a readable PyTorch checkpoint; re-download it") from None
         return StateDictReader(state_dict)
 
     def save_tokenizer(self, destination: Path) -> None:
@@ -124,7 +153,13 @@ class Source:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self._pretrained_dir, **self._pretrained_kwargs())
+        try:
+            return AutoTokenizer.from_pretrained(self._pretrained_dir, **self._pretrained_kwargs())
+        except Exception as e:  # tokenizer converters raise KeyError, ValueError, OSError, TypeError ...
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NetmorphError(
+                f"cannot load the tokenizer of {self.path}: {first_line[:200]}; add the tokenizer files to it"
+            ) from None
 
     def save_generation_config(self, destination: Path) -> None:
         if self.kind == "hf" and (self.path / "generation_config.json").exists():
@@ -163,9 +198,12 @@ def _load_config(path: Path, kind: str, trust_remote_code: bool):
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise NetmorphError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise NetmorphError(f"{path} is not a UTF-8 text file: pass a YAML config") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. a date like 2024-13-45
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NetmorphError(f"{path} is not valid YAML: {first_line}") from None
     if not isinstance(data, dict):
         raise NetmorphError(f"{path} must hold a YAML mapping with at least a base_model key")
     return data

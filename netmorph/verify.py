@@ -162,6 +162,6 @@ def load_pair(original: str, converted: str, attn_implementation: str = "sdpa", 
     for source in sources:
         try:
             return *models, source.load_tokenizer()
-        except (ValueError, OSError):
+        except NetmorphError:
             continue
     raise NetmorphError(f"neither {original} nor {converted} has a tokenizer: copy the tokenizer files into one of them")

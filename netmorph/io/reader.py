@@ -25,10 +25,10 @@ def check_safetensors_file(path: Path) -> list[str]:
             raise NetmorphError(f"truncated safetensors file {path} (header runs past the end): re-download it")
         try:
             header = json.loads(f.read(header_len))
-        except ValueError:
+            names = [name for name in header if name != "__metadata__"]
+            data_end = max((int(header[name]["data_offsets"][1]) for name in names), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
             raise NetmorphError(f"corrupt safetensors header in {path}: re-download the checkpoint") from None
-    names = [name for name in header if name != "__metadata__"]
-    data_end = max((header[name]["data_offsets"][1] for name in names), default=0)
     if 8 + header_len + data_end > size:
         raise NetmorphError(
             f"truncated safetensors file {path}: {size} bytes on disk, {8 + header_len + data_end} expected; "
@@ -37,18 +37,36 @@ def check_safetensors_file(path: Path) -> list[str]:
     return names
 
 
+def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Refuse a tensor holding NaN or ±Inf: converting it would hide a damaged checkpoint behind a model that
+    loads fine and then produces NaN logits (and NaN also passes a `diff > tolerance` check silently)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    values = tensor.float() if tensor.element_size() == 1 else tensor  # fp8 has no isnan kernel on every backend
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan, total = int(torch.isnan(values).sum()), int((~finite).sum())
+        raise NetmorphError(
+            f"tensor {name} holds {nan} NaN and {total - nan} Inf values: the checkpoint is damaged (or saved after a "
+            "diverged training step); re-download it or fix that tensor"
+        )
+    return tensor
+
+
 class TensorReader:
-    """Name → tensor access to a checkpoint, without loading it all."""
+    """Name → tensor access to a checkpoint, without loading it all. Every tensor read is checked to be finite."""
 
     def keys(self) -> list[str]:
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
+        return check_finite(name, self._read(name))
+
+    def _read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
     def __contains__(self, name: str) -> bool:
         return name in self.keys()
-
 
 
 class SafetensorsReader(TensorReader):
@@ -58,7 +76,9 @@ class SafetensorsReader(TensorReader):
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise NetmorphError(f"corrupt {index}: it has no readable weight_map; re-download it") from None
             for shard in sorted(set(weight_map.values())):
                 names = set(check_safetensors_file(directory / shard))
@@ -71,7 +91,9 @@ class SafetensorsReader(TensorReader):
             if not files:
                 raise NetmorphError(f"no safetensors weights in {directory}")
             if len(files) > 1:
-                raise NetmorphError(f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}")
+                raise NetmorphError(
+                    f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}: re-download the checkpoint"
+                )
             self._shard_of = {name: files[0].name for name in check_safetensors_file(files[0])}
         self._open_name: str | None = None
         self._open_handle = None
@@ -82,7 +104,7 @@ class SafetensorsReader(TensorReader):
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         shard = self._shard_of[name]
         if shard != self._open_name:
             self._open_handle = safe_open(str(self.directory / shard), framework="pt")
@@ -102,5 +124,37 @@ class StateDictReader(TensorReader):
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+
+def _gguf_can_dequantize(tensor_type) -> bool:
+    """Ask the installed gguf package itself: dequantize one all-zero block of this type."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    _, type_size = GGML_QUANT_SIZES[tensor_type]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor_type)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a GGUF file holding a tensor type the installed `gguf` package cannot dequantize, naming the tensor.
+    Called when transformers' GGUF load fails (parsing the file costs seconds, so not on the happy path)."""
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(str(path)).tensors
+    except Exception as e:  # the GGUF parser raises many types for a damaged file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NetmorphError(f"cannot read GGUF file {path}: {first_line}; re-download it") from None
+    for tensor_type in sorted({t.tensor_type for t in tensors}):
+        if not _gguf_can_dequantize(tensor_type):
+            name = next(t.name for t in tensors if t.tensor_type == tensor_type)
+            raise NetmorphError(
+                f"GGUF tensor {name} in {path} has type {tensor_type.name}, which the installed gguf package cannot "
+                "dequantize: use a file quantized as F32, F16, BF16, Q8_0 or a K-quant (Q4_K, Q6_K, ...)"
+            )
