@@ -22,7 +22,7 @@ def smollm2_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("smollm2")
     gguf_model = source.load_model()
     config = gguf_model.config
-    del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the weights are plain fp32 here
+    config.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained (sources drops it too)
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.save_pretrained(directory)

@@ -130,19 +130,16 @@ class StreamingWriter:
             names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         self.files = [directory / name for name in names]
         self._place: dict[str, tuple[int, int]] = {}  # tensor → (shard index, byte offset)
-        self._missing_bytes: list[int] = []
+        self._unwritten: list[int] = []  # tensors still to come, per shard (the file closes at 0)
         self._fds: dict[int, int] = {}
         for index, (path, specs) in enumerate(zip(self.files, shards)):
             prefix, offsets = safetensors_layout(specs, {"format": "pt"})
             self._place.update({name: (index, offset) for name, offset in offsets.items()})
-            self._missing_bytes.append(sum(spec.nbytes for spec in specs))
+            self._unwritten.append(len(specs))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[index] = fd
-            size = len(prefix) + self._missing_bytes[-1]
-            _reserve(fd, size)
+            _reserve(fd, len(prefix) + sum(spec.nbytes for spec in specs))
             _pwrite_all(fd, memoryview(prefix), 0)
-            if not self._missing_bytes[-1]:
-                self._close(index)
         self._written: set[str] = set()
         self._progress = _progress_bar(self.total_bytes, progress, description)
 
@@ -155,8 +152,8 @@ class StreamingWriter:
         index, offset = self._place[name]
         _pwrite_all(self._fds[index], tensor_bytes(tensor), offset)
         self._written.add(name)
-        self._missing_bytes[index] -= spec.nbytes
-        if not self._missing_bytes[index]:
+        self._unwritten[index] -= 1
+        if not self._unwritten[index]:
             self._close(index)
         if self._progress is not None:
             self._progress.update(spec.nbytes)
