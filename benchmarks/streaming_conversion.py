@@ -151,8 +151,9 @@ def main():
         f"at the same time, {psutil_total_gib():.0f} GiB RAM, {filesystem_of(args.workdir)}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}. Synthesized Llama "
         f"(hidden 4096, 32/8 heads, MLP 11008, {args.layers} layers, vocab of SmolLM2, random N(0, 0.02) bf16 "
-        "weights, untied lm_head); default conversion (doubled heads, 5GB output shards). Times include `sync`; the "
-        "input is in the page cache for all runs alike (written just before).\n"
+        "weights, untied lm_head); default conversion (doubled heads, 5GB output shards). Times include `sync`. The "
+        "input was written just before the runs; how much of it stayed in the page cache is not controlled, and other "
+        "jobs' load on the shared cores and disk adds noise to every time.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

@@ -6,6 +6,7 @@ Shapes and dtypes come from the shard headers without reading any data (`describ
 """
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 from netmorph.errors import NetmorphError
 
 INDEX_NAME = "model.safetensors.index.json"
+# After each tensor, ask the kernel to start reading this much of what follows in the file (tensors are consumed
+# roughly in file order): the disk works while the caller converts. Page cache, not this process's memory.
+READ_AHEAD_BYTES = 256 * 2**20
 
 # safetensors dtype codes ↔ torch dtypes.
 DTYPES = {
@@ -162,6 +166,8 @@ class SafetensorsReader(TensorReader):
             if not count:
                 raise NetmorphError(f"{self.directory / shard} ends inside tensor {name}: re-download the checkpoint")
             done += count
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._open_file.fileno(), data_start + end, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
         return data.view(spec.dtype).reshape(spec.shape)
 
 

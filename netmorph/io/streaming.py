@@ -14,7 +14,9 @@ import errno
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,6 +30,9 @@ _DTYPE_RANK = {code: rank for rank, code in enumerate(
      "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 )}
 _HEADER_ALIGNMENT = 8
+# Bytes handed to the background writer thread and not yet written: what overlapping disk writes with reading and
+# converting the next tensors may cost in memory (one larger tensor is still accepted on its own).
+MAX_BYTES_IN_FLIGHT = 512 * 2**20
 
 
 class PlanRecorder:
@@ -115,6 +120,9 @@ class StreamingWriter:
     shard) — the caller writes inside `atomic_output_dir`, so nothing is visible before the whole run succeeds.
     Space for every shard is reserved when the writer is created, so a full disk fails before any work.
     Tensors may arrive in any order; `finish` checks that every planned tensor arrived and writes the index.
+    Writes run on one background thread, so the disk works while the caller reads and converts the next tensors;
+    `add` waits once more than `MAX_BYTES_IN_FLIGHT` are queued, and a write error is raised by the next `add` or
+    by `finish`.
     """
 
     def __init__(self, directory: Path, plan: list[TensorSpec], max_shard_bytes: int, progress: bool = False,
@@ -142,6 +150,9 @@ class StreamingWriter:
             _pwrite_all(fd, memoryview(prefix), 0)
         self._written: set[str] = set()
         self._progress = _progress_bar(self.total_bytes, progress, description)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmorph-writer")
+        self._in_flight: deque[tuple[Future, int]] = deque()
+        self._in_flight_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._specs.get(name)
@@ -149,19 +160,37 @@ class StreamingWriter:
             raise ValueError(f"{name} is {'written twice' if spec else 'not in the output plan'}")
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, produced {tuple(tensor.shape)} {tensor.dtype}")
-        index, offset = self._place[name]
-        _pwrite_all(self._fds[index], tensor_bytes(tensor), offset)
         self._written.add(name)
+        while self._in_flight and (self._in_flight[0][0].done()
+                                   or self._in_flight_bytes + spec.nbytes > MAX_BYTES_IN_FLIGHT):
+            self._retire_oldest()
+        index, offset = self._place[name]
+        # The bytes view keeps the tensor alive until the writer thread is done with it.
+        future = self._thread.submit(self._write, index, tensor_bytes(tensor), offset)
+        self._in_flight.append((future, spec.nbytes))
+        self._in_flight_bytes += spec.nbytes
+
+    def _write(self, index: int, data: memoryview, offset: int) -> None:
+        """On the writer thread, the only one touching the shard files once they are laid out."""
+        _pwrite_all(self._fds[index], data, offset)
         self._unwritten[index] -= 1
         if not self._unwritten[index]:
             self._close(index)
+
+    def _retire_oldest(self) -> None:
+        future, nbytes = self._in_flight.popleft()
+        self._in_flight_bytes -= nbytes
+        future.result()  # a failed write (disk full, I/O error) raises here, in the caller's thread
         if self._progress is not None:
-            self._progress.update(spec.nbytes)
+            self._progress.update(nbytes)
 
     def _close(self, index: int) -> None:
         os.close(self._fds.pop(index))
 
     def finish(self) -> list[Path]:
+        while self._in_flight:
+            self._retire_oldest()
+        self._thread.shutdown()
         missing = [name for name in self._specs if name not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, the first is {missing[0]}")
@@ -174,7 +203,11 @@ class StreamingWriter:
         return self.files
 
     def close(self) -> None:
-        """Release the open shard files (after a failure; `finish` closes them as they complete)."""
+        """Stop writing and release the open shard files (after a failure; `finish` closes them as they complete)."""
+        for future, _ in self._in_flight:
+            future.cancel()
+        self._thread.shutdown(wait=True)
+        self._in_flight.clear()
         for index in list(self._fds):
             self._close(index)
         if self._progress is not None:
