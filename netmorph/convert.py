@@ -126,7 +126,7 @@ def convert_tensors(
             continue  # tied to the embedding: transformers rebuilds it at load time
         layer_idx = attention_names.get(name)
         if layer_idx is None:
-            writer.add(name, reader.get(name))  # read, written, dropped: one tensor in memory at a time
+            pass_through(reader, writer, name)
             continue
         if layer_idx in done_layers:
             continue
@@ -136,6 +136,16 @@ def convert_tensors(
     missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
     if missing:
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
+
+
+def pass_through(reader: TensorReader, writer, name: str) -> None:
+    """A tensor the conversion keeps as it is: copied file to file by the kernel when the reader knows where its
+    bytes lie and the writer can copy (a `StreamingWriter`), else read, written and dropped."""
+    location = reader.file_range(name)
+    if location is not None and hasattr(writer, "add_file_range"):
+        writer.add_file_range(name, reader.describe(name), *location)
+    else:
+        writer.add(name, reader.get(name))
 
 
 def convert_layer(

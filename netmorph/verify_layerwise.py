@@ -102,9 +102,9 @@ class LayerByLayer:
     """One checkpoint as its own model class on the meta device; `materialize` loads one module's tensors (fp32)."""
 
     def __init__(self, path: str | Path, attn_implementation: str, trust_remote_code: bool):
-        import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
         from transformers import AutoModelForCausalLM
 
+        import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
         from netmorph.sources import resolve_source
 
         self.source = resolve_source(path, trust_remote_code=trust_remote_code)
@@ -134,9 +134,9 @@ class LayerByLayer:
         return f"{self._names[id(module)]}.{key}"
 
     def read(self, name: str) -> torch.Tensor:
-        if name not in self.reader and name == self.tensor_name(self.model.get_output_embeddings(), "weight"):
-            if getattr(self.config, "tie_word_embeddings", False):
-                name = self.tensor_name(self.model.get_input_embeddings(), "weight")
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        if tied and name not in self.reader and name == self.tensor_name(self.model.get_output_embeddings(), "weight"):
+            name = self.tensor_name(self.model.get_input_embeddings(), "weight")
         if name not in self.reader:
             raise NetmorphError(f"{self.source.path} has no tensor {name}: the checkpoint is incomplete")
         return self.reader.get(name)
@@ -158,8 +158,8 @@ class LayerByLayer:
     def layer_masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                      position_ids=position_ids)
+        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": None, "past_key_values": None,
+                  "position_ids": position_ids}
         masks = {"full_attention": create_causal_mask(**kwargs)}
         types = _layer_types(self.config)
         if "sliding_attention" in types:

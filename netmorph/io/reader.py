@@ -98,6 +98,10 @@ class TensorReader:
         tensor = self.get(name)
         return TensorSpec(name, tuple(tensor.shape), tensor.dtype)
 
+    def file_range(self, name: str) -> tuple[Path, int] | None:
+        """(file, byte offset) of the tensor's raw bytes when they lie in a file as they are, else None."""
+        return None
+
     def __contains__(self, name: str) -> bool:
         return name in self.keys()
 
@@ -146,6 +150,10 @@ class SafetensorsReader(TensorReader):
         if entry["dtype"] not in DTYPES:
             raise NetmorphError(f"tensor {name} has dtype {entry['dtype']}, which netmorph cannot read")
         return TensorSpec(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
+
+    def file_range(self, name: str) -> tuple[Path, int]:
+        data_start, entry = self._entry(name)
+        return self.directory / self._shard_of[name], data_start + entry["data_offsets"][0]
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (one file read, no memory map; only this shard's file is open)."""

@@ -120,6 +120,7 @@ class StreamingWriter:
     shard) — the caller writes inside `atomic_output_dir`, so nothing is visible before the whole run succeeds.
     Space for every shard is reserved when the writer is created, so a full disk fails before any work.
     Tensors may arrive in any order; `finish` checks that every planned tensor arrived and writes the index.
+    `add_file_range` takes a tensor that lies unchanged in another file: the kernel copies it, file to file.
     Writes run on one background thread, so the disk works while the caller reads and converts the next tensors;
     `add` waits once more than `MAX_BYTES_IN_FLIGHT` are queued, and a write error is raised by the next `add` or
     by `finish`.
@@ -153,13 +154,10 @@ class StreamingWriter:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmorph-writer")
         self._in_flight: deque[tuple[Future, int]] = deque()
         self._in_flight_bytes = 0
+        self._progress_after: dict[Future, int] = {}  # bytes of file-to-file copies, counted when done
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self._specs.get(name)
-        if spec is None or name in self._written:
-            raise ValueError(f"{name} is {'written twice' if spec else 'not in the output plan'}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, produced {tuple(tensor.shape)} {tensor.dtype}")
+        spec = self._check(name, tuple(tensor.shape), tensor.dtype)
         self._written.add(name)
         while self._in_flight and (self._in_flight[0][0].done()
                                    or self._in_flight_bytes + spec.nbytes > MAX_BYTES_IN_FLIGHT):
@@ -170,19 +168,65 @@ class StreamingWriter:
         self._in_flight.append((future, spec.nbytes))
         self._in_flight_bytes += spec.nbytes
 
+    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int) -> None:
+        """A tensor whose bytes lie unchanged in another file (a tensor passed through a conversion): the kernel
+        copies them file to file, as `cp` does, without them ever entering this process's memory."""
+        self._check(name, spec.shape, spec.dtype)
+        self._written.add(name)
+        while self._in_flight and self._in_flight[0][0].done():
+            self._retire_oldest()
+        index, destination = self._place[name]
+        future = self._thread.submit(self._copy, index, path, offset, destination, spec.nbytes)
+        self._in_flight.append((future, 0))  # no memory held while it waits
+        self._progress_after[future] = spec.nbytes
+
+    def _copy(self, index: int, path: Path, offset: int, destination: int, nbytes: int) -> None:
+        source = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                try:
+                    count = os.copy_file_range(source, self._fds[index], nbytes - done, offset + done,
+                                               destination + done)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    count = 0
+                if not count:  # no in-kernel copy here (or the source ended): read and write this piece
+                    chunk = os.pread(source, min(nbytes - done, 64 * 2**20), offset + done)
+                    if not chunk:
+                        raise OSError(errno.EIO, f"{path} ends before the bytes of a tensor it should hold")
+                    _pwrite_all(self._fds[index], memoryview(chunk), destination + done)
+                    count = len(chunk)
+                done += count
+        finally:
+            os.close(source)
+        self._done_with(index)
+
     def _write(self, index: int, data: memoryview, offset: int) -> None:
         """On the writer thread, the only one touching the shard files once they are laid out."""
         _pwrite_all(self._fds[index], data, offset)
+        self._done_with(index)
+
+    def _done_with(self, index: int) -> None:
         self._unwritten[index] -= 1
         if not self._unwritten[index]:
             self._close(index)
+
+    def _check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+        spec = self._specs.get(name)
+        if spec is None or name in self._written:
+            raise ValueError(f"{name} is {'written twice' if spec else 'not in the output plan'}")
+        if shape != spec.shape or dtype != spec.dtype:
+            raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, produced {shape} {dtype}")
+        return spec
 
     def _retire_oldest(self) -> None:
         future, nbytes = self._in_flight.popleft()
         self._in_flight_bytes -= nbytes
         future.result()  # a failed write (disk full, I/O error) raises here, in the caller's thread
         if self._progress is not None:
-            self._progress.update(nbytes)
+            self._progress.update(self._progress_after.pop(future, nbytes))
 
     def _close(self, index: int) -> None:
         os.close(self._fds.pop(index))
