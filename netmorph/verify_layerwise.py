@@ -167,19 +167,22 @@ class LayerByLayer:
         return [masks[kind] for kind in types]
 
     @torch.no_grad()
-    def logits(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Final norm + lm_head (fp32) on each text's last hidden states; (T, vocab) per text."""
+    def final_norm_of(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         norm = self.materialize(self.final_norm)
-        normed = [norm(hidden)[0] for hidden in hidden_states]
+        normed = [norm(hidden)[0] for hidden in hidden_states]  # (T, D) per text
         self.release(norm)
+        return normed
+
+    @torch.no_grad()
+    def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
+        """(T, D) → fp32 logits (T, vocab), converting the (vocab, D) weight to fp32 a block of rows at a time."""
         weight = self.read(self.tensor_name(self.model.get_output_embeddings(), "weight"))
+        logits = torch.empty(normed.shape[0], weight.shape[0])
+        for start in range(0, weight.shape[0], LM_HEAD_ROWS_PER_CHUNK):
+            rows = weight[start : start + LM_HEAD_ROWS_PER_CHUNK].float()
+            torch.matmul(normed, rows.T, out=logits[:, start : start + rows.shape[0]])
         bias_name = self.tensor_name(self.model.get_output_embeddings(), "bias")
-        bias = self.reader.get(bias_name).float() if bias_name in self.reader else None
-        out = []
-        for hidden in normed:
-            logits = torch.cat([hidden @ rows.float().T for rows in weight.split(LM_HEAD_ROWS_PER_CHUNK)], dim=-1)
-            out.append(logits if bias is None else logits + bias)
-        return out
+        return logits + self.reader.get(bias_name).float() if bias_name in self.reader else logits
 
 
 def _layer_types(config) -> list[str]:
@@ -249,14 +252,17 @@ def compare_layerwise(
     if bar is not None:
         bar.close()
 
-    logits_a = model_a.logits(hidden_a)
-    logits_b_same = model_b.logits(hidden_a)
-    logits_b = model_b.logits(hidden_b)
-    report.layers.append(LayerComparison("norm + lm_head", _max_abs_diff(logits_a, logits_b_same),
-                                         _max_abs_diff(logits_a, logits_b)))
-    for name, x, a, b in zip(texts, ids, logits_a, logits_b):
-        report.texts.append(compare_logits(a, b, x, name))
-        report.top1_agreement.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+    # One text's logits at a time: (T, vocab) in fp32 is large for a big vocabulary.
+    head_same_input = 0.0
+    finals = zip(model_a.final_norm_of(hidden_a), model_b.final_norm_of(hidden_a), model_b.final_norm_of(hidden_b))
+    for name, x, (final_a, final_b_same, final_b) in zip(texts, ids, finals):
+        logits_a = model_a.lm_head(final_a)
+        head_same_input = max(head_same_input, (logits_a - model_b.lm_head(final_b_same)).abs().max().item())
+        logits_b = model_b.lm_head(final_b)
+        report.texts.append(compare_logits(logits_a, logits_b, x, name))
+        report.top1_agreement.append((logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean().item())
+        del logits_a, logits_b
+    report.layers.append(LayerComparison("norm + lm_head", head_same_input, report.max_abs_logit_diff))
     return report
 
 
