@@ -4,7 +4,8 @@ Synthesizes a Llama checkpoint (random bf16 weights, written shard by shard with
 default 16 layers of hidden 4096 / GQA 32:8 / MLP 11008 with SmolLM2's tokenizer and vocabulary: 6.5 GB in 2 GB
 shards), then in one run:
 
-1. `cp -r` of the checkpoint + `sync`, before and after the conversion (the reference speed of this disk);
+1. `cp -r` of the checkpoint + `sync`, before and after the conversion (the reference speed of this disk), and
+   the startup of the command alone (importing netmorph, torch, transformers: a fixed cost, whatever the size);
 2. `netmorph convert-diff-transformer --no-verify` + `sync`: throughput and peak RSS;
 3. `netmorph convert-diff-transformer` with verification on (auto mode: layer-wise here, since two fp32 models
    would not fit): peak RSS of conversion + verification, and the verification figures.
@@ -103,6 +104,7 @@ def main():
         largest = max(p.stat().st_size for p in shards)
         print(f"synthesized {total / 1e9:.2f} GB in {len(shards)} shards in {time.perf_counter() - start:.0f} s")
 
+        startup, _, _ = timed([sys.executable, "-c", "import netmorph.cli, netmorph.convert"], env)
         copy_before, _, _ = timed(["cp", "-r", str(root / "source"), str(root / "copy-1")])
         convert_seconds, convert_rss, _ = timed(netmorph + ["-o", str(root / "converted"), "--no-verify",
                                                             "--no-progress"], env)
@@ -133,6 +135,9 @@ def main():
         ("convert --no-verify + sync", f"{convert_seconds:.1f} s ({total / 1e9:.2f} GB read, {written / 1e9:.2f} GB "
          f"written; {total / convert_seconds / 1e9:.2f} GB/s of input)"),
         ("**throughput ratio** cp time / convert time (goal ≥ 0.5)", f"**{copy_seconds / convert_seconds:.2f}**"),
+        ("startup (Python, torch, transformers imports) in that time", f"{startup:.1f} s"),
+        ("throughput ratio without the startup: cp / (convert − startup)",
+         f"{copy_seconds / (convert_seconds - startup):.2f}"),
         ("**peak RSS** convert --no-verify (bound: largest shard + 1 GiB)",
          f"**{convert_rss / GiB:.2f} GiB** (bound {bound / GiB:.2f} GiB: {'holds' if convert_rss <= bound else 'EXCEEDED'})"),
         (f"convert with verification ({'layer-wise, chosen automatically' if layerwise else 'full'}) + sync",

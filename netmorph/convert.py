@@ -12,7 +12,7 @@ import yaml
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, plan_output
+from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
@@ -335,6 +335,7 @@ def convert_diff_transformer(
                              description="converting") as writer:
             convert_tensors(reader, config, spec, recipe, writer, options.seed)
             writer.finish()
+        release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
         log.info("converted %d attention layers to differential attention (%.2f GB written)", config.num_hidden_layers,
                  plan_bytes / 1e9)
         config.save_pretrained(tmp)

@@ -25,6 +25,7 @@ from torch import nn
 
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader
+from netmorph.io.streaming import release_freed_memory
 from netmorph.verify import TextComparison, compare_logits
 
 log = logging.getLogger("netmorph")
@@ -150,6 +151,7 @@ class LayerByLayer:
     @staticmethod
     def release(module: nn.Module) -> None:
         module.to("meta")
+        release_freed_memory()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         weight = self.read(self.tensor_name(self.model.get_input_embeddings(), "weight"))

@@ -249,3 +249,41 @@ def test_file_range_copies_match_save_file(tmp_path, monkeypatch, kernel_copy):
             writer.add_file_range(spec.name, spec, *reader.file_range(spec.name))
         writer.finish()
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+
+
+def synthesize_llama(directory, layers: int):
+    """A Llama checkpoint with random weights, written tensor by tensor (never whole in memory)."""
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        plan = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in LlamaForCausalLM(config).state_dict().items()]
+    with StreamingWriter(directory, plan, max_shard_bytes=64 * 2**20) as writer:
+        for spec in plan:
+            writer.add(spec.name, torch.randn(spec.shape) * 0.02)
+        writer.finish()
+    return directory
+
+
+PEAK_RSS = """
+import runpy, sys
+sys.argv = ["netmorph"] + sys.argv[1:]
+try:
+    runpy.run_module("netmorph.cli", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+"""
+
+
+def test_peak_memory_does_not_grow_with_model_size(tmp_path):
+    """Converting 4x the layers (84 MB → 336 MB of weights, the same largest tensor) costs no more peak memory."""
+    peaks = {}
+    for layers in (8, 32):
+        source = synthesize_llama(tmp_path / f"src{layers}", layers)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, "convert-diff-transformer", str(source), "-o",
+                              str(tmp_path / f"out{layers}"), "--no-verify", "--no-progress"],
+                             check=True, capture_output=True, text=True, timeout=300)
+        peaks[layers] = int(run.stdout.split()[-1]) * 1024  # VmHWM in kB: this process's own peak RSS
+    growth = peaks[32] - peaks[8]
+    assert growth < 48 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"
