@@ -141,7 +141,7 @@ def main():
         ("**peak RSS** convert --no-verify (bound: largest shard + 1 GiB)",
          f"**{convert_rss / GiB:.2f} GiB** (bound {bound / GiB:.2f} GiB: {'holds' if convert_rss <= bound else 'EXCEEDED'})"),
         (f"convert with verification ({'layer-wise, chosen automatically' if layerwise else 'full'}) + sync",
-         f"{verify_seconds:.0f} s; {summary[0].strip() if summary else 'no summary line'}"),
+         f"{verify_seconds:.0f} s; " + (summary[0].strip().replace("|", "\\|") if summary else "no summary line")),
         ("**peak RSS** convert + verification (same bound)",
          f"**{verify_rss / GiB:.2f} GiB** ({'holds' if verify_rss <= bound else 'EXCEEDED'})"),
     ]
