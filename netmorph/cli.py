@@ -93,18 +93,29 @@ def convert_diff_transformer_command(source, output_dir, **values):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that need their own model code.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt weights (loaded with weights_only=True).")
+@click.option("--layerwise", is_flag=True,
+              help="One decoder layer of each model in memory at a time (models larger than RAM; safetensors model "
+                   "dirs of the same depth): per-layer max |Δ| and final logits; top-1 agreement replaces generation.")
 def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, tolerance, attn_implementation,
-                   as_json, trust_remote_code, allow_pickle):
+                   as_json, trust_remote_code, allow_pickle, layerwise):
     """Run ORIGINAL and CONVERTED (model dirs, .gguf files or YAML configs) on real text and compare them.
 
-    Exit status 0 when max |Δlogit| ≤ --tolerance and every greedy generation matches, 1 otherwise.
+    Exit status 0 when max |Δlogit| ≤ --tolerance and every greedy generation matches (with --layerwise: every
+    top-1 token matches), 1 otherwise.
     """
     _setup_logging(False)
     from netmorph.sources import default_texts
     from netmorph.verify import DEFAULT_PROMPTS, compare_models, load_pair
 
-    model_a, model_b, tokenizer = load_pair(original, converted, attn_implementation, trust_remote_code, allow_pickle)
     named = {p.name: p.read_text(errors="replace") for p in texts} or default_texts()
+    if layerwise:
+        from netmorph.verify_layerwise import compare_layerwise
+
+        report = compare_layerwise(original, converted, named, max_tokens, tolerance, attn_implementation,
+                                   trust_remote_code, progress=not as_json)
+        click.echo(report.to_json() if as_json else report.table())
+        sys.exit(0 if report.passed else 1)
+    model_a, model_b, tokenizer = load_pair(original, converted, attn_implementation, trust_remote_code, allow_pickle)
     report = compare_models(model_a, model_b, tokenizer, named, prompts or DEFAULT_PROMPTS, max_tokens, new_tokens,
                             tolerance)
     click.echo(report.to_json() if as_json else report.table())

@@ -11,8 +11,9 @@ import yaml
 
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.errors import NetmorphError
-from netmorph.io.reader import TensorReader
-from netmorph.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
+from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
+from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
@@ -108,10 +109,11 @@ def convert_tensors(
     config: NetmorphDiffConfig,
     spec: ArchSpec,
     recipe: DiffAttentionRecipe,
-    writer: ShardedWriter,
+    writer,
     seed: int,
 ) -> None:
-    """Stream every tensor of the source to the writer, converting each layer's attention on the way."""
+    """Stream every tensor of the source to the writer (anything with `add(name, tensor)`), converting each layer's
+    attention on the way. Run on a `MetaReader` into a `PlanRecorder` it yields the output plan."""
     attention_names = {
         spec.attention_key(i, f"{proj}.{kind}"): i
         for i in range(config.num_hidden_layers)
@@ -124,7 +126,7 @@ def convert_tensors(
             continue  # tied to the embedding: transformers rebuilds it at load time
         layer_idx = attention_names.get(name)
         if layer_idx is None:
-            writer.add(name, reader.get(name))
+            pass_through(reader, writer, name)
             continue
         if layer_idx in done_layers:
             continue
@@ -134,6 +136,16 @@ def convert_tensors(
     missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
     if missing:
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
+
+
+def pass_through(reader: TensorReader, writer, name: str) -> None:
+    """A tensor the conversion keeps as it is: copied file to file by the kernel when the reader knows where its
+    bytes lie and the writer can copy (a `StreamingWriter`), else read, written and dropped."""
+    location = reader.file_range(name)
+    if location is not None and hasattr(writer, "add_file_range"):
+        writer.add_file_range(name, reader.describe(name), *location)
+    else:
+        writer.add(name, reader.get(name))
 
 
 def convert_layer(
@@ -212,7 +224,8 @@ def mode_notes(options: ConvertOptions) -> list[str]:
 
 
 def write_model_card(directory: Path, source: Source, options: ConvertOptions, reports: list[VerifyReport]) -> None:
-    flags = {k: v for k, v in options.model_dump().items() if k not in ("force", "debug", "verify")}
+    flags = {k: v for k, v in options.model_dump().items()
+             if k not in ("force", "debug", "verify", "verify_mode", "progress")}
     exactness = (
         "**Exact** at conversion: the converted model computes the source model's function (mix = 0)."
         if options.exact
@@ -256,7 +269,33 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify_conversion(source: Source, directory: Path, options: ConvertOptions, attn_implementation: str = "sdpa"):
+# Full verification holds the original and the converted model in fp32 at once; above this share of the
+# available memory the converter verifies layer by layer instead.
+FULL_VERIFY_MEMORY_SHARE = 0.5
+
+
+def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec]) -> bool:
+    """Layer-wise when asked, or ("auto") when two fp32 models would not fit comfortably in available memory.
+    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already)."""
+    if options.verify_mode == "full" or not isinstance(reader, SafetensorsReader):
+        return False
+    if options.verify_mode == "layerwise":
+        return True
+    import psutil
+
+    elements = sum(reader.describe(name).numel for name in reader.keys()) + sum(tensor.numel for tensor in plan)
+    full_verify_bytes = 4 * elements
+    return full_verify_bytes > FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
+
+
+def verify_conversion(source: Source, directory: Path, options: ConvertOptions, attn_implementation: str = "sdpa",
+                      layerwise: bool = False):
+    if layerwise:
+        from netmorph.verify_layerwise import compare_layerwise
+
+        return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
+                                 attn_implementation=attn_implementation,
+                                 trust_remote_code=options.trust_remote_code, progress=options.progress)
     from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM
 
     converted = NetmorphDiffForCausalLM.from_pretrained(
@@ -282,16 +321,23 @@ def convert_diff_transformer(
     spec = spec_for(source.config.model_type)
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
-    dtype = reader.get(next(iter(reader.keys()))).dtype
+    dtype = reader.describe(next(iter(reader.keys()))).dtype  # from the header: no tensor is read for it
     config = target_config(source.config, spec, options, dtype)
     recipe = recipe_from(options)
+    # The whole conversion on meta tensors first: every output name, shape and dtype, with no data.
+    plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe, recorder, options.seed))
+    plan_bytes = sum(tensor.nbytes for tensor in plan)
+    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan)
     log.info("converting %s (%s, %d layers) → %s", source.description, spec.model_type, config.num_hidden_layers, output_dir)
 
     with atomic_output_dir(output_dir) as tmp:
-        writer = ShardedWriter(tmp, parse_size(options.max_shard_size))
-        convert_tensors(reader, config, spec, recipe, writer, options.seed)
-        writer.finish()
-        log.info("converted %d attention layers to differential attention", config.num_hidden_layers)
+        with StreamingWriter(tmp, plan, parse_size(options.max_shard_size), progress=options.progress,
+                             description="converting") as writer:
+            convert_tensors(reader, config, spec, recipe, writer, options.seed)
+            writer.finish()
+        release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
+        log.info("converted %d attention layers to differential attention (%.2f GB written)", config.num_hidden_layers,
+                 plan_bytes / 1e9)
         config.save_pretrained(tmp)
         for name in MODELING_FILES:
             shutil.copy2(MODELING_DIR / name, tmp / name)
@@ -300,7 +346,9 @@ def convert_diff_transformer(
         write_training_yaml(tmp, source.yaml_config, output_dir)
         reports = []
         if options.verify or options.debug:
-            report = verify_conversion(source, tmp, options)
+            if layerwise:
+                log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
+            report = verify_conversion(source, tmp, options, layerwise=layerwise)
             reports.append(report)
             if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
                 raise NetmorphError(

@@ -47,6 +47,8 @@ class ConvertOptions(BaseModel):
     verify: bool = Field(True, description="Run original and converted on real text and record the figures in the model card.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
+    verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
+    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
     trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
 

@@ -104,6 +104,11 @@ class VerifyReport:
 def compare_text(original, converted, input_ids: torch.Tensor, name: str) -> TextComparison:
     logits_a = original(input_ids, use_cache=False).logits.float()[0]  # (T, vocab)
     logits_b = converted(input_ids, use_cache=False).logits.float()[0]
+    return compare_logits(logits_a, logits_b, input_ids, name)
+
+
+def compare_logits(logits_a: torch.Tensor, logits_b: torch.Tensor, input_ids: torch.Tensor, name: str) -> TextComparison:
+    """Figures of two models' logits (T, vocab) on the same token ids (1, T)."""
     diff = (logits_a - logits_b).abs()
     log_p, log_q = F.log_softmax(logits_a, -1), F.log_softmax(logits_b, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()

@@ -1,15 +1,62 @@
-"""Lazy readers over checkpoint tensors. Safetensors shards are memory-mapped and opened one at a time."""
+"""Lazy readers over checkpoint tensors.
+
+Safetensors tensors are read one at a time with plain file reads straight into the tensor's memory: no shard is
+memory-mapped, so a conversion's resident memory is the tensors it holds, not the pages of the shards it has read.
+Shapes and dtypes come from the shard headers without reading any data (`describe`, `MetaReader`).
+"""
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from netmorph.errors import NetmorphError
 
 INDEX_NAME = "model.safetensors.index.json"
+# After each tensor, ask the kernel to start reading this much of what follows in the file (tensors are consumed
+# roughly in file order): the disk works while the caller converts. Page cache, not this process's memory.
+READ_AHEAD_BYTES = 256 * 2**20
+
+# safetensors dtype codes ↔ torch dtypes.
+DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor is, without its data: enough to plan a file layout or build a meta tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def meta(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of a shard already validated by `check_safetensors_file`."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return 8 + header_len, json.loads(f.read(header_len))
 
 
 def check_safetensors_file(path: Path) -> list[str]:
@@ -65,6 +112,15 @@ class TensorReader:
     def _read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def describe(self, name: str) -> TensorSpec:
+        """Shape and dtype of a tensor; readers that can tell without reading it override this."""
+        tensor = self.get(name)
+        return TensorSpec(name, tuple(tensor.shape), tensor.dtype)
+
+    def file_range(self, name: str) -> tuple[Path, int] | None:
+        """(file, byte offset) of the tensor's raw bytes when they lie in a file as they are, else None."""
+        return None
+
     def __contains__(self, name: str) -> bool:
         return name in self.keys()
 
@@ -95,8 +151,9 @@ class SafetensorsReader(TensorReader):
                     f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}: re-download the checkpoint"
                 )
             self._shard_of = {name: files[0].name for name in check_safetensors_file(files[0])}
+        self._headers: dict[str, tuple[int, dict]] = {}
         self._open_name: str | None = None
-        self._open_handle = None
+        self._open_file = None
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -104,12 +161,45 @@ class SafetensorsReader(TensorReader):
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
+    def _entry(self, name: str) -> tuple[int, dict]:
+        shard = self._shard_of[name]
+        if shard not in self._headers:
+            self._headers[shard] = read_safetensors_header(self.directory / shard)
+        data_start, header = self._headers[shard]
+        return data_start, header[name]
+
+    def describe(self, name: str) -> TensorSpec:
+        _, entry = self._entry(name)
+        if entry["dtype"] not in DTYPES:
+            raise NetmorphError(f"tensor {name} has dtype {entry['dtype']}, which netmorph cannot read")
+        return TensorSpec(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
+
+    def file_range(self, name: str) -> tuple[Path, int]:
+        data_start, entry = self._entry(name)
+        return self.directory / self._shard_of[name], data_start + entry["data_offsets"][0]
+
     def _read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (one file read, no memory map; only this shard's file is open)."""
+        spec = self.describe(name)
+        data_start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
         shard = self._shard_of[name]
         if shard != self._open_name:
-            self._open_handle = safe_open(str(self.directory / shard), framework="pt")
+            if self._open_file is not None:
+                self._open_file.close()
+            self._open_file = (self.directory / shard).open("rb", buffering=0)
             self._open_name = shard
-        return self._open_handle.get_tensor(name)
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        self._open_file.seek(data_start + begin)
+        view, done = memoryview(data.numpy()), 0
+        while done < len(view):
+            count = self._open_file.readinto(view[done:])
+            if not count:
+                raise NetmorphError(f"{self.directory / shard} ends inside tensor {name}: re-download the checkpoint")
+            done += count
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._open_file.fileno(), data_start + end, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
+        return data.view(spec.dtype).reshape(spec.shape)
 
 
 class StateDictReader(TensorReader):
@@ -158,3 +248,24 @@ def check_gguf_file(path: Path) -> None:
                 f"GGUF tensor {name} in {path} has type {tensor_type.name}, which the installed gguf package cannot "
                 "dequantize: use a file quantized as F32, F16, BF16, Q8_0 or a K-quant (Q4_K, Q6_K, ...)"
             )
+
+
+class MetaReader(TensorReader):
+    """Meta tensors (shape and dtype, no data) for every tensor of another reader: running a conversion on it
+    yields the exact names, shapes and dtypes of the output, i.e. the plan a streaming writer needs, in
+    microseconds and without memory."""
+
+    def __init__(self, reader: TensorReader):
+        self._reader = reader
+
+    def keys(self) -> list[str]:
+        return self._reader.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._reader
+
+    def describe(self, name: str) -> TensorSpec:
+        return self._reader.describe(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.describe(name).meta()

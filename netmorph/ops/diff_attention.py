@@ -41,7 +41,8 @@ def negative_component(
     if init == "zero" or is_bias:
         # A fresh negative bias starts at zero: the weights alone carry the random init.
         return torch.zeros_like(positive)
-    noise = torch.randn(positive.shape, generator=generator, dtype=torch.float32)
+    # On the meta device (planning a conversion's output) this allocates nothing; on CPU it draws the same numbers.
+    noise = torch.randn(positive.shape, generator=generator, dtype=torch.float32, device=positive.device)
     return (noise * std).to(positive.dtype)
 
 
