@@ -1,5 +1,6 @@
 """The conversion math on integer-coded tensors: each row/column's value says where it came from."""
 
+import pytest
 import torch
 
 from netmorph.ops.diff_attention import (
@@ -60,3 +61,14 @@ def test_convert_attention_tensors_leaves_v_and_o_alone_in_doubled_layout():
     assert out["q_proj.weight"].shape == (16, 6) and out["k_proj.weight"].shape == (8, 6)
     assert torch.equal(out["q_proj.bias"][:8], attn["q_proj.bias"])
     assert torch.equal(out["subln.weight"], torch.ones(2))
+
+
+def test_finiteness_check_survives_a_sum_that_overflows_and_names_the_bad_values():
+    from netmorph.errors import NetmorphError
+    from netmorph.io.reader import check_finite
+
+    large = torch.full((100,), 60000.0, dtype=torch.float16)  # finite, but its fp16 sum overflows
+    assert check_finite("large", large) is large
+    large[7], large[9] = float("inf"), float("nan")
+    with pytest.raises(NetmorphError, match="tensor large holds 1 NaN and 1 Inf values"):
+        check_finite("large", large)
