@@ -434,14 +434,23 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
 
 
 def verify_growth(source: Source, directory: Path, options: GrowOptions) -> VerifyReport:
-    """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare."""
+    """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
+
+    Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
+    the checkpoint dtype); in float32 a real model adds its run-to-run rounding noise, as large as 1e-4 on SmolLM2.
+    """
     from transformers import AutoModelForCausalLM
 
-    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa").eval()
+    dtype = getattr(torch, options.verify_dtype)
+    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa").eval()
     original = source.load_model("sdpa")
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
-    return compare_models(original, grown, source.load_tokenizer(), default_texts(), prompts,
-                          tolerance=options.tolerance)
+    try:
+        original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
+        return compare_models(original, grown, source.load_tokenizer(), default_texts(), prompts,
+                              tolerance=options.tolerance)
+    finally:
+        original.to(torch.float32)
 
 
 def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOptions) -> GrowResult:
