@@ -112,10 +112,10 @@ def _check_not_shrinking(source: Dims, options: GrowOptions) -> None:
 def _target_dims(source: Dims, spec: GrowSpec, options: GrowOptions) -> Dims:
     heads = options.num_attention_heads or source.heads
     kv_heads = options.num_key_value_heads or source.kv_heads
-    if spec.qkv_layout == "per_head" and kv_heads != heads:
-        raise NetmorphError(f"{spec.model_type} has one KV head per query head: set {_flag('num_key_value_heads')} "
-                            f"equal to the query heads ({heads}) or leave it out")
-    if options.num_key_value_heads is None and spec.qkv_layout == "per_head":
+    if spec.qkv_layout == "per_head":  # GPT-NeoX: one KV head per query head, always
+        if options.num_key_value_heads not in (None, heads):
+            raise NetmorphError(f"{spec.model_type} has one KV head per query head: set "
+                                f"{_flag('num_key_value_heads')} equal to the query heads ({heads}) or leave it out")
         kv_heads = heads
     if heads % kv_heads:
         divisors = [k for k in range(kv_heads, heads + 1) if heads % k == 0]
@@ -267,7 +267,7 @@ def read_layer(reader: TensorReader, spec: GrowSpec, layer_idx: int, names: list
         if canonical is None:
             extras[name[len(prefix):]] = reader.get(name)
         else:
-            layer[canonical] = reader.get(name).float()
+            layer[canonical] = reader.get(name).to(ops.DTYPE)
     q_rows, kv_rows = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     for kind in ("weight", "bias"):
         if f"qkv.{kind}" in layer:

@@ -10,7 +10,8 @@ fused back afterwards, so every recipe below is written once.
 The rule behind every recipe (growth_report.md §5–§6): each new multiplicative path gets exactly one zero factor
 — the side that *writes* into the residual stream or the attention score — and random values everywhere else, so
 the function is unchanged and every new parameter still receives a gradient (a zero gate *and* up row would be a
-dead neuron forever). Tensors are computed in float32; the caller casts back to the checkpoint dtype.
+dead neuron forever). Tensors are computed in float64 (so a float32 checkpoint gets correctly rounded values);
+the caller casts back to the checkpoint dtype.
 """
 
 import math
@@ -21,18 +22,23 @@ from netmorph.errors import NetmorphError
 
 READERS = ("q", "k", "v", "gate", "up")  # read the (normalised) residual stream: new input columns are free
 WRITERS = ("o", "down")  # write into the residual stream: new output rows must keep the invariant
+DTYPE = torch.float64
+
+
+def _zeros(*shape) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=DTYPE)
 
 
 def tensor_std(tensor: torch.Tensor, fallback: float = 0.02) -> float:
     """Scale of the random init for a tensor's new entries: the spread of its existing values."""
     if tensor.numel() < 2:
         return fallback
-    std = tensor.float().std().item()
+    std = tensor.to(DTYPE).std().item()
     return std if math.isfinite(std) and std > 0 else fallback
 
 
 def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator) * std
+    return torch.randn(shape, generator=generator, dtype=DTYPE) * std
 
 
 def _std(layer_tensor: torch.Tensor, init_std: float | None) -> float:
@@ -109,9 +115,9 @@ def grow_mlp(layer: dict, new_size: int, generator: torch.Generator, init_std: f
             w = layer[f"{role}.weight"]
             layer[f"{role}.weight"] = torch.cat([w, _normal((extra, w.shape[1]), _std(w, init_std), generator)])
         if f"{role}.bias" in layer:
-            layer[f"{role}.bias"] = torch.cat([layer[f"{role}.bias"], torch.zeros(extra)])
+            layer[f"{role}.bias"] = torch.cat([layer[f"{role}.bias"], _zeros(extra)])
     down = layer["down.weight"]
-    layer["down.weight"] = torch.cat([down, torch.zeros(down.shape[0], extra)], dim=1)
+    layer["down.weight"] = torch.cat([down, _zeros(down.shape[0], extra)], dim=1)
     return layer
 
 
@@ -162,7 +168,7 @@ def regroup_heads(
     new_q[positions] = q
     layer["q.weight"] = new_q.reshape(new_heads * d, -1)
     if "q.bias" in layer:
-        bias = torch.zeros(new_heads, d)
+        bias = _zeros(new_heads, d)
         bias[positions] = layer["q.bias"].reshape(heads, d)
         layer["q.bias"] = bias.reshape(-1)
 
@@ -173,10 +179,10 @@ def regroup_heads(
         layer[f"{role}.weight"] = torch.stack(rows).reshape(new_kv_heads * d, -1)
         if f"{role}.bias" in layer:
             b = layer[f"{role}.bias"].reshape(kv_heads, d)
-            layer[f"{role}.bias"] = torch.stack([b[j] if j is not None else torch.zeros(d) for j in kv_sources]).reshape(-1)
+            layer[f"{role}.bias"] = torch.stack([b[j] if j is not None else _zeros(d) for j in kv_sources]).reshape(-1)
 
     o = layer["o.weight"].reshape(-1, heads, d)
-    new_o = torch.zeros(o.shape[0], new_heads, d)
+    new_o = _zeros(o.shape[0], new_heads, d)
     new_o[:, positions] = o
     layer["o.weight"] = new_o.reshape(o.shape[0], new_heads * d)
     return layer
@@ -221,10 +227,10 @@ def grow_head_dim(
     q = layer["q.weight"]
     layer["q.weight"] = place(q, heads, lambda shape: _normal(shape, _std(q, init_std), generator)) * q_scale
     if "q.bias" in layer:
-        layer["q.bias"] = place(layer["q.bias"], heads, torch.zeros) * q_scale
-    layer["k.weight"] = place(layer["k.weight"], kv_heads, torch.zeros)
+        layer["q.bias"] = place(layer["q.bias"], heads, _zeros) * q_scale
+    layer["k.weight"] = place(layer["k.weight"], kv_heads, _zeros)
     if "k.bias" in layer:
-        layer["k.bias"] = place(layer["k.bias"], kv_heads, torch.zeros)
+        layer["k.bias"] = place(layer["k.bias"], kv_heads, _zeros)
 
     v_positions = list(range(d))  # v is not rotated: pad at the end of each head
     v = layer["v.weight"].reshape(kv_heads, d, -1)
@@ -232,9 +238,9 @@ def grow_head_dim(
     new_v[:, v_positions] = v
     layer["v.weight"] = new_v.reshape(kv_heads * d2, -1)
     if "v.bias" in layer:
-        layer["v.bias"] = torch.cat([layer["v.bias"].reshape(kv_heads, d), torch.zeros(kv_heads, d2 - d)], 1).reshape(-1)
+        layer["v.bias"] = torch.cat([layer["v.bias"].reshape(kv_heads, d), _zeros(kv_heads, d2 - d)], 1).reshape(-1)
     o = layer["o.weight"].reshape(-1, heads, d)
-    layer["o.weight"] = torch.cat([o, torch.zeros(o.shape[0], heads, d2 - d)], dim=2).reshape(o.shape[0], heads * d2)
+    layer["o.weight"] = torch.cat([o, _zeros(o.shape[0], heads, d2 - d)], dim=2).reshape(o.shape[0], heads * d2)
     return layer
 
 
@@ -253,20 +259,20 @@ def grow_norm(
     """
     scale = math.sqrt(weight.shape[0] / new_size) * extra_factor
     extra = new_size - weight.shape[0]
-    gain = (1.0 + weight.float() if kind == "rms_one_plus" else weight.float()) * scale
+    gain = (1.0 + weight.to(DTYPE) if kind == "rms_one_plus" else weight.to(DTYPE)) * scale
     new_gain = gain.abs().mean().clamp_min(1e-3).expand(extra)
     grown = torch.cat([gain, new_gain])
     if kind == "rms_one_plus":
         grown = grown - 1.0
-    new_bias = None if bias is None else torch.cat([bias.float(), torch.zeros(extra)])
+    new_bias = None if bias is None else torch.cat([bias.to(DTYPE), _zeros(extra)])
     return grown, new_bias
 
 
 def _new_rows(matrix: torch.Tensor, extra: int, fill: str) -> torch.Tensor:
     """Rows for the new residual dims of a writer: zero-fill (RMSNorm) or mean-fill (LayerNorm, §4)."""
     if fill == "mean":
-        return matrix.float().mean(dim=0, keepdim=True).expand(extra, *matrix.shape[1:])
-    return torch.zeros(extra, *matrix.shape[1:])
+        return matrix.to(DTYPE).mean(dim=0, keepdim=True).expand(extra, *matrix.shape[1:])
+    return _zeros(extra, *matrix.shape[1:])
 
 
 def grow_hidden_layer(
@@ -283,7 +289,7 @@ def grow_hidden_layer(
         if role in READERS and kind == "weight":
             layer[name] = torch.cat([tensor, _normal((tensor.shape[0], extra), _std(tensor, init_std), generator)], 1)
         elif role in WRITERS:
-            layer[name] = torch.cat([tensor.float(), _new_rows(tensor, extra, fill)])
+            layer[name] = torch.cat([tensor.to(DTYPE), _new_rows(tensor, extra, fill)])
     for norm in ("attn_norm", "mlp_norm"):
         if f"{norm}.weight" in layer:
             weight, bias = grow_norm(layer[f"{norm}.weight"], layer.get(f"{norm}.bias"), new_size, norm_kind)
@@ -297,12 +303,12 @@ def grow_embedding(embedding: torch.Tensor, new_size: int, norm_kind: str, scale
     """Token (or position) embedding (V, n) → (V, n′): new columns 0 (RMSNorm) or each row's mean (LayerNorm).
     `scale` folds in a change of the model's own embedding multiplier (Gemma: √n → √n′)."""
     extra = new_size - embedding.shape[1]
-    e = embedding.float() * scale
-    new = e.mean(dim=1, keepdim=True).expand(-1, extra) if norm_kind == "layer" else torch.zeros(e.shape[0], extra)
+    e = embedding.to(DTYPE) * scale
+    new = e.mean(dim=1, keepdim=True).expand(-1, extra) if norm_kind == "layer" else _zeros(e.shape[0], extra)
     return torch.cat([e, new], dim=1)
 
 
 def grow_lm_head(lm_head: torch.Tensor, new_size: int, generator: torch.Generator, init_std: float | None = None):
     """An untied output head reads the final norm, which is exactly 0 on the new dims: random new columns."""
     extra = new_size - lm_head.shape[1]
-    return torch.cat([lm_head.float(), _normal((lm_head.shape[0], extra), _std(lm_head, init_std), generator)], 1)
+    return torch.cat([lm_head.to(DTYPE), _normal((lm_head.shape[0], extra), _std(lm_head, init_std), generator)], 1)
