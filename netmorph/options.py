@@ -198,7 +198,8 @@ def click_options(model: type[BaseModel]):
                     kwargs["type"] = click.Choice(get_args(annotation))
                 else:
                     kwargs["type"] = annotation
-                kwargs["help"] = f"{field.description} [default: {field.default}]"
+                if field.default is not None:
+                    kwargs["help"] = f"{field.description} [default: {field.default}]"
             function = click.option(*decls, name, **kwargs)(function)
         return function
 
