@@ -308,12 +308,13 @@ def write_layer(layer: dict, extras: dict, spec: GrowSpec, layer_idx: int, dims:
                                     else ops.fuse_qkv_per_head(q, k, v, dims.heads))
         if "gate_up" in spec.layer_tensors and f"gate.{kind}" in layer:
             layer[f"gate_up.{kind}"] = ops.fuse_gate_up(layer.pop(f"gate.{kind}"), layer.pop(f"up.{kind}"))
+    # Copies, never views: a new layer may share tensors with its source, and safetensors refuses shared memory.
     for canonical, tensor in layer.items():
         role, kind = canonical.split(".")
-        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype))
+        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype, copy=True))
     prefix = spec.layer_prefix.format(i=layer_idx)
     for suffix, tensor in extras.items():
-        writer.add(prefix + suffix, tensor)
+        writer.add(prefix + suffix, tensor.clone())
 
 
 def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions, generator) -> dict:
