@@ -108,8 +108,8 @@ def test_new_parameters_train(smollm2_dir, grown_root, reference):
         for name, p in model.named_parameters():
             if step == 0:
                 dead = zero_at_start[name] & (p.grad == 0)
-                if name == "model.embed_tokens.weight":  # a token absent from the text has no gradient path yet
-                    dead = dead[ids.unique()]
+                if name == "model.embed_tokens.weight":  # only tokens that feed a predicted position have a path yet
+                    dead = dead[ids[0, :-1].unique()]
                 assert not dead.any(), f"{name}: {int(dead.sum())} zero-initialised entries get no gradient"
             touched[name] |= p.grad != 0
         optimizer.step()
