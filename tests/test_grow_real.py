@@ -132,5 +132,5 @@ def test_cli_grows_and_verifies(smollm2_dir, tmp_path):
     assert "PASS" in result.stdout and "Generations match" in result.stdout
     card = (out / "README.md").read_text()
     assert "layers 30→32" in card and "PASS" in card and "LlamaForCausalLM" in card
-    assert sorted(p.name for p in out.iterdir()) >= ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not list(tmp_path.glob(".grown.partial-*"))
