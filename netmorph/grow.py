@@ -228,13 +228,12 @@ def plan_growth(config, spec: GrowSpec, options: GrowOptions) -> GrowthPlan:
     return GrowthPlan(spec, source, target, order, rotary_dims, updates)
 
 
-def target_config(source_config, plan: GrowthPlan, dtype: torch.dtype):
+def target_config(source_config, plan: GrowthPlan):
     """The grown model's config, built by the stock config class (its strict validation runs here, before work)."""
     data = source_config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version"):
         data.pop(key, None)
     data.update(plan.config_updates)
-    data["dtype"] = str(dtype).removeprefix("torch.")
     try:
         return type(source_config).from_dict(data)
     except (ValueError, TypeError) as e:
@@ -463,10 +462,10 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
     output_dir = Path(output_dir).expanduser()
     spec = grow_spec_for(source.config.model_type)
     plan = plan_growth(source.config, spec, options)
+    config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
-    dtype = reader.get(spec.embed).dtype if spec.embed in reader else torch.float32
-    config = target_config(source.config, plan, dtype)
+    config.dtype = reader.get(spec.embed).dtype if spec.embed in reader else torch.float32
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
 

@@ -144,3 +144,25 @@ def test_rope_type_whose_frequencies_depend_on_head_dim_is_refused(tmp_path):
     with pytest.raises(NetmorphError, match="rope_type 'yarn'.*grow heads instead"):
         grow_tiny(source, tmp_path / "out", head_dim=10)
     grow_tiny(source, tmp_path / "ok", num_attention_heads=12, num_key_value_heads=4)
+
+
+@pytest.mark.real_model  # borrows the bundled SmolLM2 tokenizer
+def test_cli_grows_verifies_and_writes_a_model_card(smollm2_dir, tmp_path):
+    """The command end to end with its own verification (float64, the default texts, greedy text): a tiny Llama
+    with SmolLM2's vocabulary and tokenizer, so verification runs on real text in seconds."""
+    from netmorph.sources import TOKENIZER_FILES
+
+    source = save_tiny(tmp_path / "src", "llama", vocab_size=49152)
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).exists():
+            (source / name).write_bytes((smollm2_dir / name).read_bytes())
+    out = tmp_path / "grown"
+    result = run_cli("grow", source, "-o", out, "--num-layers", "3", "--hidden-size", "45", "--head-dim", "10")
+    assert result.exit_code == 0, result.output
+    assert "(float64)" in result.output and "PASS" in result.output and "Generations match" in result.output
+    card = (out / "README.md").read_text()
+    assert "layers 2→3, head_dim 8→10, hidden 36→45" in card and "PASS" in card and "LlamaForCausalLM" in card
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".grown.")]
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.head_dim == 10
