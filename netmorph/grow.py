@@ -418,10 +418,10 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
         f"- Source: `{source.description}` (model_type `{source.config.model_type}`)",
         f"- Options: `{json.dumps(flags)}`",
         f"- Stock architecture: loads with `{model_class}` / `AutoModelForCausalLM`, no remote code.",
-        "- **Exact** at growth: the new parameters are initialised so the model computes the source's function; "
-        "one side of each new path (output projections, new key dims, new embedding columns) starts at zero, the "
-        "other side is random, so every new parameter trains.",
-        "", "## Verification (fp32, real text)", "",
+        ("- **Exact** at growth: the new parameters are initialised so the model computes the source's function; "
+         "one side of each new path (output projections, new key dims, new embedding columns) starts at zero, the "
+         "other side is random, so every new parameter trains."),
+        "", f"## Verification ({options.verify_dtype}, real text)", "",
     ]
     if not reports:
         lines.append("Not run (`--no-verify`).")

@@ -69,7 +69,7 @@ def check(family, source_overrides, options):
     with tempfile.TemporaryDirectory() as tmp:
         source = save_tiny(Path(tmp) / "source", family, dtype=torch.float64, **source_overrides)
         grow_tiny(source, Path(tmp) / "grown", **options)
-        load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float64,  # noqa: E731
+        load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float64,
                                                               attn_implementation="eager").eval()
         original, grown = load(source), load(Path(tmp) / "grown")
         assert type(grown) is type(original)
