@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from netmorph.errors import NetmorphError
-from netmorph.options import ConvertOptions, click_options
+from netmorph.options import ConvertOptions, GrowOptions, click_options
 
 
 class _Group(click.Group):
@@ -202,6 +202,32 @@ def plot_attention_command(model, prompt, layer, head, output, trust_remote_code
     source = resolve_source(model, trust_remote_code=trust_remote_code)
     path = plot_attention(source.load_model("sdpa"), source.load_tokenizer(), prompt, layer, head, output)
     click.echo(f"wrote {path}")
+
+
+@main.command("grow")
+@click.argument("source", required=False)
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Where to write the grown checkpoint.")
+@click_options(GrowOptions)
+def grow_command(source, output_dir, **values):
+    """Grow SOURCE (layers, MLP, heads, KV heads, head_dim, hidden size; any combination) so that it computes
+    the same function, verify it, and write a stock checkpoint (no remote code needed).
+
+    SOURCE is a local Hugging Face model directory, a .gguf file, or an axolotl-style YAML config. Without SOURCE
+    the bundled SmolLM2-135M-Instruct is grown. Families: Llama, Mistral, Qwen2, Gemma, Phi-3, StableLM, GPT-NeoX.
+
+    \b
+    Examples:
+      netmorph grow model/ -o bigger --num-layers 36 --new-layers-at interleave
+      netmorph grow model/ -o wider --hidden-size 768 --num-attention-heads 12 --num-key-value-heads 4
+    """
+    options = GrowOptions.build(**values)
+    _setup_logging(options.debug)
+    from netmorph.grow import describe, grow
+
+    result = grow(source, output_dir, options)
+    click.echo(f"wrote {result.output_dir} ({describe(result.plan)})")
+    for report in result.reports:
+        click.echo(report.table())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 import difflib
 import re
-from typing import Literal, get_args, get_origin
+import types
+from typing import Literal, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +93,66 @@ class DiffAttnArgs(BaseModel):
     diff_attn_num_monitor_layers: int = Field(3, ge=1, description="How many layers to monitor, strided over the depth (needs diff_attn_log_every).")
 
 
+GROWTH_FIELDS = ("num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "hidden_size")
+
+
+class GrowOptions(BaseModel):
+    """Options of `netmorph grow`. Every size is the target size; leave a size out to keep it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int | None = Field(None, gt=0, description="Target number of layers (new layers add nothing until trained).")
+    intermediate_size: int | None = Field(None, gt=0, description="Target MLP intermediate size.")
+    num_attention_heads: int | None = Field(None, gt=0, description="Target number of query heads.")
+    num_key_value_heads: int | None = Field(None, gt=0, description="Target number of key/value heads.")
+    head_dim: int | None = Field(None, gt=0, description="Target head dimension (RoPE pairing kept; rope_theta or partial_rotary_factor adjusted).")
+    hidden_size: int | None = Field(None, gt=0, description="Target hidden size (zero-fill for RMSNorm, mean-fill for LayerNorm models).")
+    new_layers_at: str = Field("append", description="Where new layers go: append, interleave, or comma-separated source layer indices each new layer follows (e.g. 3,7,11).")
+    layer_init: Literal["copy", "normal"] = Field("copy", description="New layers: copy the layer they follow (Llama Pro) or draw fresh normal weights; their output projections start at zero either way.")
+    init_std: float | None = Field(None, gt=0, description="Std of the new random weights [default: each grown tensor's own std].")
+    seed: int = Field(0, description="Seed of every random init (same seed, same bytes).")
+    debug: bool = Field(False, description="Log each grown layer, compare losses, logits and greedy text on a sample.")
+    force: bool = Field(False, description="Replace a non-empty output directory.")
+    verify: bool = Field(True, description="Run original and grown model on real text and record the figures in the model card.")
+    tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| that counts as exact in the verification (in --verify-dtype).")
+    verify_dtype: Literal["float64", "float32"] = Field("float64", description="Precision both models run in for the verification. float64 measures the checkpoint itself; float32 adds the model's own run-to-run rounding noise (~1e-4 on SmolLM2: eager vs sdpa differ that much).")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
+    allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
+    trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _valid_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @field_validator("new_layers_at")
+    @classmethod
+    def _valid_positions(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("append", "interleave") or re.fullmatch(r"\d+(\s*,\s*\d+)*", value):
+            return value
+        raise ValueError(f"--new-layers-at {value!r}: use append, interleave, or source layer indices like 3,7,11")
+
+    @model_validator(mode="after")
+    def _something_to_grow(self):
+        if all(getattr(self, name) is None for name in GROWTH_FIELDS):
+            flags = ", ".join("--" + name.replace("_", "-") for name in GROWTH_FIELDS)
+            raise ValueError(f"nothing to grow: pass at least one of {flags}")
+        return self
+
+    @classmethod
+    def build(cls, **values) -> "GrowOptions":
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            first = e.errors()[0]
+            if first["type"] == "value_error":
+                raise NetmorphError(str(first["msg"]).removeprefix("Value error, ")) from None
+            raise _one_line(e, "invalid option") from None
+
+
 TRAINING_KEYS = tuple(name for name in DiffAttnArgs.model_fields if name.startswith("diff_attn_"))
 
 
@@ -160,6 +221,15 @@ class TrainingYaml(DiffAttnArgs):
             raise _one_line(e, str(path)) from None
 
 
+def _without_none(annotation):
+    """`int | None` → int: an optional field is a plain flag that may be left out."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
 def click_options(model: type[BaseModel]):
     """Decorator adding one click option per field of `model`. Unset options arrive as None so the model's
     defaults stay the single source of truth."""
@@ -172,11 +242,13 @@ def click_options(model: type[BaseModel]):
                 decls = [f"{flag}/--no-{flag[2:]}"]
             else:
                 decls = [flag]
-                if get_origin(field.annotation) is Literal:
-                    kwargs["type"] = click.Choice(get_args(field.annotation))
+                annotation = _without_none(field.annotation)
+                if get_origin(annotation) is Literal:
+                    kwargs["type"] = click.Choice(get_args(annotation))
                 else:
-                    kwargs["type"] = field.annotation
-                kwargs["help"] = f"{field.description} [default: {field.default}]"
+                    kwargs["type"] = annotation
+                if field.default is not None:
+                    kwargs["help"] = f"{field.description} [default: {field.default}]"
             function = click.option(*decls, name, **kwargs)(function)
         return function
 

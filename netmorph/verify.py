@@ -46,6 +46,7 @@ class GenerationComparison:
 class VerifyReport:
     attn_implementation: str
     tolerance: float
+    dtype: str = "float32"
     texts: list[TextComparison] = field(default_factory=list)
     generations: list[GenerationComparison] = field(default_factory=list)
 
@@ -78,7 +79,7 @@ class VerifyReport:
 
     def table(self) -> str:
         lines = [
-            f"attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} (fp32)",
+            f"attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} ({self.dtype})",
             f"{'text':<14}{'tokens':>7}{'max|Δlogit|':>13}{'mean|Δlogit|':>14}{'mean KL':>11}"
             f"{'loss orig':>11}{'loss conv':>11}{'ppl orig':>10}{'ppl conv':>10}",
         ]
@@ -145,7 +146,8 @@ def compare_models(
     tolerance: float = 1e-4,
 ) -> VerifyReport:
     """Both models must already be on the attention backend to compare (`attn_implementation` is read from one)."""
-    report = VerifyReport(attn_implementation=converted.config._attn_implementation, tolerance=tolerance)
+    report = VerifyReport(attn_implementation=converted.config._attn_implementation, tolerance=tolerance,
+                          dtype=str(next(converted.parameters()).dtype).removeprefix("torch."))
     for name, text in texts.items():
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
         report.texts.append(compare_text(original, converted, ids, name))

@@ -1,0 +1,494 @@
+"""`grow`: SOURCE → a larger checkpoint of the *same stock architecture* that computes the same function.
+
+Every constraint is checked before any tensor is read (`plan_growth`, then the target config class itself);
+then tensors stream layer by layer from the reader through the pure recipes in netmorph/ops/grow.py to the
+sharded writer inside an atomic output dir; finally the grown model is loaded fresh from disk with the stock
+transformers class and compared with the source on real text.
+"""
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from netmorph.arch.grow_specs import GrowSpec, grow_spec_for
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import TensorReader
+from netmorph.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
+from netmorph.ops import grow as ops
+from netmorph.options import GrowOptions, parse_size
+from netmorph.sources import Source, default_texts, resolve_source
+from netmorph.verify import VerifyReport, compare_models
+
+log = logging.getLogger("netmorph")
+
+FULL_ROTARY_ROPE_TYPES = ("default", "linear", "llama3")  # act per frequency: θ′ = θ^(d′/d) keeps every frequency
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+
+@dataclass
+class GrowthPlan:
+    """Everything decided before the first tensor is read."""
+
+    spec: GrowSpec
+    source: Dims
+    target: Dims
+    layer_sources: list[tuple[int, bool]]  # per output layer: (source layer, is it new)
+    rotary_dims: int
+    config_updates: dict = field(default_factory=dict)
+
+    @property
+    def attention_changes(self) -> bool:
+        s, t = self.source, self.target
+        return (s.heads, s.kv_heads, s.head_dim, s.hidden) != (t.heads, t.kv_heads, t.head_dim, t.hidden)
+
+
+@dataclass
+class GrowResult:
+    output_dir: Path
+    config: object
+    plan: GrowthPlan
+    reports: list[VerifyReport] = field(default_factory=list)
+
+
+# ── planning: every check before any work ───────────────────────────────────────────────────────────────────────
+
+
+def source_dims(config) -> Dims:
+    heads = config.num_attention_heads
+    return Dims(
+        layers=config.num_hidden_layers,
+        intermediate=config.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        hidden=config.hidden_size,
+    )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _valid_head_counts(dims: Dims, hidden: int, kv_heads: int, count: int = 4) -> list[int]:
+    """Query-head counts ≥ the current ones that divide `hidden`, hold the KV heads and keep old heads placeable."""
+    found = []
+    for heads in range(dims.heads, hidden + 1):
+        if hidden % heads or heads % kv_heads:
+            continue
+        try:
+            ops.head_placement(dims.heads, dims.kv_heads, heads, kv_heads)
+        except NetmorphError:
+            continue
+        found.append(heads)
+        if len(found) == count:
+            break
+    return found
+
+
+def _check_not_shrinking(source: Dims, options: GrowOptions) -> None:
+    for name, current in (("num_layers", source.layers), ("intermediate_size", source.intermediate),
+                          ("num_attention_heads", source.heads), ("num_key_value_heads", source.kv_heads),
+                          ("head_dim", source.head_dim), ("hidden_size", source.hidden)):
+        value = getattr(options, name)
+        if value is not None and value < current:
+            raise NetmorphError(f"{_flag(name)} {value} is smaller than the model's {current}: grow only "
+                                f"(pass a value ≥ {current}, or leave it out)")
+
+
+def _target_dims(source: Dims, spec: GrowSpec, options: GrowOptions) -> Dims:
+    heads = options.num_attention_heads or source.heads
+    kv_heads = options.num_key_value_heads or source.kv_heads
+    if spec.qkv_layout == "per_head":  # GPT-NeoX: one KV head per query head, always
+        if options.num_key_value_heads not in (None, heads):
+            raise NetmorphError(f"{spec.model_type} has one KV head per query head: set "
+                                f"{_flag('num_key_value_heads')} equal to the query heads ({heads}) or leave it out")
+        kv_heads = heads
+    if heads % kv_heads:
+        divisors = [k for k in range(kv_heads, heads + 1) if heads % k == 0]
+        raise NetmorphError(f"{heads} query heads cannot be split into {kv_heads} KV heads: pick "
+                            f"{_flag('num_key_value_heads')} from {divisors} or heads a multiple of {kv_heads}")
+    hidden = options.hidden_size or source.hidden
+    head_dim = options.head_dim or source.head_dim
+    if not spec.free_head_dim:
+        if options.head_dim is None and options.hidden_size is not None:
+            if hidden % heads:
+                proposals = _valid_head_counts(source, hidden, kv_heads) or [heads]
+                raise NetmorphError(
+                    f"{spec.model_type} derives head_dim = hidden / heads, and {hidden} / {heads} is not whole: pass "
+                    f"{_flag('num_attention_heads')} one of {proposals}, or {_flag('hidden_size')} a multiple of "
+                    f"{heads} (e.g. {heads * (hidden // heads + 1)})"
+                )
+            head_dim = hidden // heads
+        if heads * head_dim != hidden:
+            raise NetmorphError(
+                f"{spec.model_type} derives head_dim = hidden / heads: {heads} heads × head_dim {head_dim} needs "
+                f"{_flag('hidden_size')} {heads * head_dim} (got {hidden}), or choose heads/head_dim whose product is "
+                f"{hidden}"
+            )
+    if spec.heads_divide_hidden and hidden % heads:
+        proposals = _valid_head_counts(source, hidden, kv_heads)
+        raise NetmorphError(
+            f"transformers' {spec.model_type} config rejects hidden {hidden} with {heads} heads (hidden % heads ≠ 0): "
+            + (f"pass {_flag('num_attention_heads')} one of {proposals} or " if proposals else "")
+            + f"{_flag('hidden_size')} a multiple of {heads} (e.g. {heads * math.ceil(hidden / heads)})"
+        )
+    return Dims(options.num_layers or source.layers, options.intermediate_size or source.intermediate, heads,
+                kv_heads, head_dim, hidden)
+
+
+def new_layer_positions(num_source: int, num_new: int, where: str) -> list[int]:
+    """Source layer index each new layer follows: append → all after the last; interleave → spread evenly."""
+    if num_new == 0:
+        return []
+    if where == "append":
+        return [num_source - 1] * num_new
+    if where == "interleave":
+        return [max(0, (j + 1) * num_source // (num_new + 1) - 1) for j in range(num_new)]
+    positions = [int(p) for p in where.split(",")]
+    if len(positions) != num_new:
+        raise NetmorphError(f"--new-layers-at lists {len(positions)} positions but {num_new} layers are new: "
+                            f"give exactly {num_new} source layer indices")
+    bad = [p for p in positions if p >= num_source]
+    if bad:
+        raise NetmorphError(f"--new-layers-at {bad[0]} is not a source layer (0…{num_source - 1})")
+    return positions
+
+
+def layer_order(num_source: int, positions: list[int]) -> list[tuple[int, bool]]:
+    order = []
+    for i in range(num_source):
+        order.append((i, False))
+        order += [(i, True)] * positions.count(i)
+    return order
+
+
+def _rope_updates(config, source: Dims, target: Dims) -> tuple[int, dict]:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    prf = rope.get("partial_rotary_factor", 1.0) or 1.0
+    rotary_dims = int(source.head_dim * prf)
+    if target.head_dim == source.head_dim:
+        return rotary_dims, {}
+    d, d2 = source.head_dim, target.head_dim
+    if rotary_dims < d:  # partial: pad the pass-through region; (r + ½)/d′ so int(d′·prf′) is exactly r
+        rope["partial_rotary_factor"] = (rotary_dims + 0.5) / d2
+        return rotary_dims, {"rope_parameters": rope}
+    if d2 % 2:
+        raise NetmorphError(f"{_flag('head_dim')} {d2} is odd; RoPE rotates pairs: pass an even head_dim (e.g. {d2 + 1})")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in FULL_ROTARY_ROPE_TYPES:
+        raise NetmorphError(f"head_dim growth with rope_type {rope_type!r} is not supported (its frequencies depend "
+                            f"on head_dim); supported: {', '.join(FULL_ROTARY_ROPE_TYPES)}; grow heads instead")
+    if d2 % d:
+        rope["rope_theta"] = rope["rope_theta"] ** (d2 / d)  # θ′^(−2i/d′) = θ^(−2i/d): every frequency kept
+    return rotary_dims, {"rope_parameters": rope}
+
+
+def plan_growth(config, spec: GrowSpec, options: GrowOptions) -> GrowthPlan:
+    source = source_dims(config)
+    _check_not_shrinking(source, options)
+    target = _target_dims(source, spec, options)
+    if spec.per_head_norm_field and getattr(config, spec.per_head_norm_field, False) and (
+        (source.heads, source.kv_heads, source.head_dim, source.hidden)
+        != (target.heads, target.kv_heads, target.head_dim, target.hidden)
+    ):
+        raise NetmorphError(
+            f"this {spec.model_type} model has per-head q/k norms ({spec.per_head_norm_field}); they share the one eps "
+            f"and see head_dim, so heads/head_dim/hidden growth would not be exact: grow {_flag('num_layers')} or "
+            f"{_flag('intermediate_size')} only"
+        )
+    ops.head_placement(source.heads, source.kv_heads, target.heads, target.kv_heads)  # raises if impossible
+    rotary_dims, updates = _rope_updates(config, source, target)
+    positions = new_layer_positions(source.layers, target.layers - source.layers, options.new_layers_at)
+    order = layer_order(source.layers, positions)
+    if target.hidden != source.hidden:
+        updates[spec.eps_field] = getattr(config, spec.eps_field) * source.hidden / target.hidden
+    updates.update(num_hidden_layers=target.layers, intermediate_size=target.intermediate,
+                   num_attention_heads=target.heads, hidden_size=target.hidden)
+    if hasattr(config, "num_key_value_heads"):
+        updates["num_key_value_heads"] = target.kv_heads
+    if spec.free_head_dim:
+        updates["head_dim"] = target.head_dim
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        updates["layer_types"] = [layer_types[i] for i, _ in order]
+    return GrowthPlan(spec, source, target, order, rotary_dims, updates)
+
+
+def target_config(source_config, plan: GrowthPlan):
+    """The grown model's config, built by the stock config class (its strict validation runs here, before work)."""
+    data = source_config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        data.pop(key, None)
+    data.update(plan.config_updates)
+    try:
+        return type(source_config).from_dict(data)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NetmorphError(f"transformers rejects the grown {source_config.model_type} config: {first}; "
+                            "choose other sizes") from None
+
+
+# ── tensors: read a layer into canonical form, grow it, write it back ───────────────────────────────────────────
+
+
+def _layer_keys(reader: TensorReader, spec: GrowSpec) -> dict[int, list[str]]:
+    pattern = re.compile(re.escape(spec.layer_prefix).replace(re.escape("{i}"), r"(\d+)"))
+    layers: dict[int, list[str]] = {}
+    for name in reader.keys():
+        match = pattern.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+    return layers
+
+
+def read_layer(reader: TensorReader, spec: GrowSpec, layer_idx: int, names: list[str], dims: Dims):
+    """Canonical float32 tensors of one layer (fused layouts split), plus any tensors the spec does not know."""
+    prefix = spec.layer_prefix.format(i=layer_idx)
+    by_name = {f"{suffix}.{kind}": f"{role}.{kind}" for role, suffix in spec.layer_tensors.items()
+               for kind in ("weight", "bias")}
+    layer, extras = {}, {}
+    for name in names:
+        canonical = by_name.get(name[len(prefix):])
+        if canonical is None:
+            extras[name[len(prefix):]] = reader.get(name)
+        else:
+            layer[canonical] = reader.get(name).to(ops.DTYPE)
+    q_rows, kv_rows = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    for kind in ("weight", "bias"):
+        if f"qkv.{kind}" in layer:
+            qkv = layer.pop(f"qkv.{kind}")
+            expected = q_rows + 2 * kv_rows
+            if qkv.shape[0] != expected:
+                raise NetmorphError(f"layer {layer_idx} fused qkv has {qkv.shape[0]} rows but config.json implies "
+                                    f"{expected}: the weights and config.json do not belong together")
+            parts = (ops.split_qkv_blocks(qkv, q_rows, kv_rows) if spec.qkv_layout == "blocks"
+                     else ops.split_qkv_per_head(qkv, dims.heads, dims.head_dim))
+            layer.update({f"{role}.{kind}": t for role, t in zip("qkv", parts)})
+        if f"gate_up.{kind}" in layer:
+            layer[f"gate.{kind}"], layer[f"up.{kind}"] = ops.split_gate_up(layer.pop(f"gate_up.{kind}"))
+    _check_layer_shapes(layer, layer_idx, dims)
+    return layer, extras
+
+
+def _check_layer_shapes(layer: dict, layer_idx: int, dims: Dims) -> None:
+    expected = {"q.weight": (dims.heads * dims.head_dim, dims.hidden),
+                "k.weight": (dims.kv_heads * dims.head_dim, dims.hidden),
+                "o.weight": (dims.hidden, dims.heads * dims.head_dim),
+                "up.weight": (dims.intermediate, dims.hidden), "down.weight": (dims.hidden, dims.intermediate)}
+    for name, shape in expected.items():
+        if name not in layer:
+            raise NetmorphError(f"layer {layer_idx} has no {name.split('.')[0]} weight: the checkpoint is incomplete "
+                                "or not of the family its config.json names")
+        if tuple(layer[name].shape) != shape:
+            raise NetmorphError(f"layer {layer_idx} {name} has shape {tuple(layer[name].shape)} but config.json implies "
+                                f"{shape}: the weights and config.json do not belong together")
+
+
+def write_layer(layer: dict, extras: dict, spec: GrowSpec, layer_idx: int, dims: Dims, dtype, writer) -> None:
+    layer = dict(layer)
+    for kind in ("weight", "bias"):
+        if "qkv" in spec.layer_tensors and f"q.{kind}" in layer:
+            q, k, v = (layer.pop(f"{role}.{kind}") for role in "qkv")
+            layer[f"qkv.{kind}"] = (ops.fuse_qkv_blocks(q, k, v) if spec.qkv_layout == "blocks"
+                                    else ops.fuse_qkv_per_head(q, k, v, dims.heads))
+        if "gate_up" in spec.layer_tensors and f"gate.{kind}" in layer:
+            layer[f"gate_up.{kind}"] = ops.fuse_gate_up(layer.pop(f"gate.{kind}"), layer.pop(f"up.{kind}"))
+    # Copies, never views: a new layer may share tensors with its source, and safetensors refuses shared memory.
+    for canonical, tensor in layer.items():
+        role, kind = canonical.split(".")
+        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype, copy=True))
+    prefix = spec.layer_prefix.format(i=layer_idx)
+    for suffix, tensor in extras.items():
+        writer.add(prefix + suffix, tensor.clone())
+
+
+def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions, generator) -> dict:
+    """The recipes in a fixed order: depth, MLP, heads, head_dim, hidden (each sees the previous one's shapes)."""
+    s, t = plan.source, plan.target
+    if is_new:
+        layer = ops.new_layer(layer, options.layer_init, generator, options.init_std)
+    if t.intermediate != s.intermediate:
+        layer = ops.grow_mlp(layer, t.intermediate, generator, options.init_std)
+    if (t.heads, t.kv_heads) != (s.heads, s.kv_heads):
+        layer = ops.regroup_heads(layer, s.heads, s.kv_heads, s.head_dim, t.heads, t.kv_heads, generator,
+                                  options.init_std)
+    if t.head_dim != s.head_dim:
+        layer = ops.grow_head_dim(layer, t.heads, t.kv_heads, s.head_dim, t.head_dim, plan.rotary_dims, generator,
+                                  options.init_std)
+    if t.hidden != s.hidden:
+        layer = ops.grow_hidden_layer(layer, t.hidden, plan.spec.norm, generator, options.init_std)
+    return layer
+
+
+def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, generator, options: GrowOptions,
+                 layer_names: set[str]) -> None:
+    """Embedding, final norm, output head; any other non-layer tensor passes through when the hidden size stays."""
+    spec, s, t = plan.spec, plan.source, plan.target
+    embed_scale = math.sqrt(s.hidden / t.hidden) if spec.embed_scale else 1.0  # Gemma multiplies by √hidden
+    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"}
+    for name in (spec.embed, f"{spec.final_norm}.weight"):
+        if name not in reader:
+            raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
+    embedding = reader.get(spec.embed)
+    dtype = embedding.dtype
+    if t.hidden == s.hidden:
+        for name in handled:
+            if name in reader and not (tied and name == spec.lm_head):
+                writer.add(name, reader.get(name))
+    else:
+        writer.add(spec.embed, ops.grow_embedding(embedding, t.hidden, spec.norm, embed_scale).to(dtype))
+        # A tied head shares the embedding's scale change; the final norm undoes it.
+        norm_factor = 1.0 / embed_scale if tied else 1.0
+        bias_name = f"{spec.final_norm}.bias"
+        weight, bias = ops.grow_norm(reader.get(f"{spec.final_norm}.weight"),
+                                     reader.get(bias_name) if bias_name in reader else None, t.hidden, spec.norm,
+                                     norm_factor)
+        writer.add(f"{spec.final_norm}.weight", weight.to(dtype))
+        if bias is not None:
+            writer.add(bias_name, bias.to(dtype))
+        if not tied:
+            if spec.lm_head not in reader:
+                raise NetmorphError(f"the checkpoint has no {spec.lm_head} but config.json says the embeddings are "
+                                    "not tied: it is incomplete")
+            writer.add(spec.lm_head, ops.grow_lm_head(reader.get(spec.lm_head), t.hidden, generator,
+                                                      options.init_std).to(dtype))
+    for name in reader.keys():
+        if name in handled or name in layer_names:
+            continue
+        if t.hidden != s.hidden:
+            raise NetmorphError(f"the checkpoint holds {name}, which netmorph does not know how to grow in hidden "
+                                "size: please report it")
+        writer.add(name, reader.get(name))
+
+
+def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer: ShardedWriter, options: GrowOptions):
+    spec = plan.spec
+    layer_keys = _layer_keys(reader, spec)
+    missing = [i for i in range(plan.source.layers) if i not in layer_keys]
+    if missing:
+        raise NetmorphError(f"the checkpoint has no weights for layer {missing[0]}: it is incomplete")
+    base_seed = options.seed * 1_000_003
+    grow_globals(reader, plan, tied, writer, torch.Generator().manual_seed(base_seed - 1), options,
+                 {name for names in layer_keys.values() for name in names})
+    cached_idx, cached = None, None
+    for out_idx, (source_idx, is_new) in enumerate(plan.layer_sources):
+        if source_idx != cached_idx:
+            cached_idx, cached = source_idx, read_layer(reader, spec, source_idx, layer_keys[source_idx], plan.source)
+        layer, extras = cached
+        if extras and plan.attention_changes:
+            raise NetmorphError(f"layer {source_idx} holds {next(iter(extras))}, which netmorph cannot grow with "
+                                f"heads/head_dim/hidden: grow {_flag('num_layers')} or {_flag('intermediate_size')} only")
+        dtype = reader.get(layer_keys[source_idx][0]).dtype
+        # One generator per output layer: its bytes do not depend on the other layers.
+        generator = torch.Generator().manual_seed(base_seed + out_idx)
+        grown = grow_layer(layer, plan, is_new, options, generator)
+        write_layer(grown, extras, spec, out_idx, plan.target, dtype, writer)
+        log.debug("layer %d ← %s layer %d", out_idx, "new, from" if is_new else "source", source_idx)
+
+
+# ── the command ─────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def describe(plan: GrowthPlan) -> str:
+    s, t = asdict(plan.source), asdict(plan.target)
+    return ", ".join(f"{k} {s[k]}→{t[k]}" for k in s if s[k] != t[k]) or "no change"
+
+
+def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options: GrowOptions,
+                     reports: list[VerifyReport], model_class: str) -> None:
+    flags = {k: v for k, v in options.model_dump().items() if v is not None and k not in ("force", "debug", "verify")}
+    lines = [
+        "---", "library_name: transformers", "tags: [netmorph, growth]", "---",
+        f"# Grown `{source.description}`", "",
+        f"Grown by netmorph `grow`: {describe(plan)}.", "",
+        f"- Source: `{source.description}` (model_type `{source.config.model_type}`)",
+        f"- Options: `{json.dumps(flags)}`",
+        f"- Stock architecture: loads with `{model_class}` / `AutoModelForCausalLM`, no remote code.",
+        ("- **Exact** at growth: the new parameters are initialised so the model computes the source's function; "
+         "one side of each new path (output projections, new key dims, new embedding columns) starts at zero, the "
+         "other side is random, so every new parameter trains."),
+        "", f"## Verification ({options.verify_dtype}, real text)", "",
+    ]
+    if not reports:
+        lines.append("Not run (`--no-verify`).")
+    for report in reports:
+        lines += ["```", report.table(), "```", ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("<this dir>")',
+              'tokenizer = AutoTokenizer.from_pretrained("<this dir>")', "```"]
+    (directory / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def verify_growth(source: Source, directory: Path, options: GrowOptions) -> VerifyReport:
+    """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
+
+    Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
+    the checkpoint dtype); in float32 a real model adds its run-to-run rounding noise, as large as 1e-4 on SmolLM2.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, options.verify_dtype)
+    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa").eval()
+    original = source.load_model("sdpa")
+    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
+    try:
+        original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
+        return compare_models(original, grown, source.load_tokenizer(), default_texts(), prompts,
+                              tolerance=options.tolerance)
+    finally:
+        original.to(torch.float32)
+
+
+def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOptions) -> GrowResult:
+    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    if output_dir is None:
+        output_dir = (source.yaml_config or {}).get("output_dir")
+        if not output_dir:
+            raise NetmorphError("no output directory: pass --output-dir DIR")
+    output_dir = Path(output_dir).expanduser()
+    spec = grow_spec_for(source.config.model_type)
+    plan = plan_growth(source.config, spec, options)
+    config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
+    check_output_dir(output_dir, options.force, source.input_paths)
+    reader = source.reader()
+    config.dtype = reader.get(spec.embed).dtype if spec.embed in reader else torch.float32
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
+
+    with atomic_output_dir(output_dir) as tmp:
+        writer = ShardedWriter(tmp, parse_size(options.max_shard_size))
+        grow_tensors(reader, plan, tied, writer, options)
+        writer.finish()
+        config.save_pretrained(tmp)
+        source.save_tokenizer(tmp)
+        source.save_generation_config(tmp)
+        reports = []
+        if options.verify or options.debug:
+            report = verify_growth(source, tmp, options)
+            reports.append(report)
+            if not report.passed:
+                raise NetmorphError(
+                    f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} (tolerance "
+                    f"{options.tolerance:g}), generations {'match' if report.generations_match else 'differ'}; "
+                    "nothing was written (please report this as a bug)"
+                )
+        model_class = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"])[0]
+        write_model_card(tmp, source, plan, options, reports, model_class)
+    return GrowResult(output_dir, config, plan, reports)
+
+
+__all__ = ["Dims", "GrowResult", "GrowthPlan", "grow", "plan_growth"]

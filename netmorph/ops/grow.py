@@ -1,0 +1,314 @@
+"""Function-preserving growth of one decoder layer, as pure functions on tensors (no files, no nn.Module).
+
+A layer is a dict of *canonical* tensors, whatever the family calls them:
+    q.weight (H·d, n)  k.weight / v.weight (K·d, n)  o.weight (n, H·d)   (+ .bias where the family has them)
+    gate.weight / up.weight (I, n)  down.weight (n, I)                    (gate is absent for plain MLPs)
+    attn_norm.weight / mlp_norm.weight (n,)                               (+ .bias for LayerNorm)
+Fused layouts (Phi-3 qkv_proj and gate_up_proj, GPT-NeoX query_key_value) are split into this form first and
+fused back afterwards, so every recipe below is written once.
+
+The rule behind every recipe (growth_report.md §5–§6): each new multiplicative path gets exactly one zero factor
+— the side that *writes* into the residual stream or the attention score — and random values everywhere else, so
+the function is unchanged and every new parameter still receives a gradient (a zero gate *and* up row would be a
+dead neuron forever). Tensors are computed in float64 (so a float32 checkpoint gets correctly rounded values);
+the caller casts back to the checkpoint dtype.
+"""
+
+import math
+
+import torch
+
+from netmorph.errors import NetmorphError
+
+READERS = ("q", "k", "v", "gate", "up")  # read the (normalised) residual stream: new input columns are free
+WRITERS = ("o", "down")  # write into the residual stream: new output rows must keep the invariant
+DTYPE = torch.float64
+
+
+def _zeros(*shape) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=DTYPE)
+
+
+def tensor_std(tensor: torch.Tensor, fallback: float = 0.02) -> float:
+    """Scale of the random init for a tensor's new entries: the spread of its existing values."""
+    if tensor.numel() < 2:
+        return fallback
+    std = tensor.to(DTYPE).std().item()
+    return std if math.isfinite(std) and std > 0 else fallback
+
+
+def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=DTYPE) * std
+
+
+def _std(layer_tensor: torch.Tensor, init_std: float | None) -> float:
+    return init_std if init_std is not None else tensor_std(layer_tensor)
+
+
+# ── fused layouts ───────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def split_qkv_blocks(qkv: torch.Tensor, q_rows: int, kv_rows: int) -> tuple[torch.Tensor, ...]:
+    """Phi-3 `qkv_proj`: rows are [Q; K; V] (weight or bias)."""
+    return torch.split(qkv, [q_rows, kv_rows, kv_rows], dim=0)
+
+
+def fuse_qkv_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([q, k, v], dim=0)
+
+
+def split_qkv_per_head(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """GPT-NeoX `query_key_value`: rows are per head [q_h; k_h; v_h] (the model views the output as (H, 3·d))."""
+    per_head = qkv.reshape(num_heads, 3, head_dim, *qkv.shape[1:])
+    return tuple(per_head[:, i].reshape(num_heads * head_dim, *qkv.shape[1:]) for i in range(3))
+
+
+def fuse_qkv_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    head_dim = q.shape[0] // num_heads
+    parts = [t.reshape(num_heads, 1, head_dim, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(3 * num_heads * head_dim, *q.shape[1:])
+
+
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3 `gate_up_proj`: rows are [gate; up] (the model chunks the output in two)."""
+    gate, up = gate_up.chunk(2, dim=0)
+    return gate, up
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0)
+
+
+# ── depth ───────────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def new_layer(source_layer: dict, init: str, generator: torch.Generator, init_std: float | None = None) -> dict:
+    """A new layer that adds nothing to the residual stream: its writers (o, down; weights and biases) are zero.
+
+    init "copy" keeps the source layer's readers (Llama Pro); "normal" draws them afresh at each tensor's own scale.
+    Norm gains are kept (never zero: a zero gain would cut the gradient to everything behind it).
+    """
+    layer = {}
+    for name, tensor in source_layer.items():
+        role = name.split(".")[0]
+        if role in WRITERS:
+            layer[name] = torch.zeros_like(tensor)
+        elif init == "normal" and role in READERS and name.endswith(".weight"):
+            layer[name] = _normal(tensor.shape, _std(tensor, init_std), generator)
+        else:
+            layer[name] = tensor.clone()
+    return layer
+
+
+# ── MLP width ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def grow_mlp(layer: dict, new_size: int, generator: torch.Generator, init_std: float | None = None) -> dict:
+    """Intermediate size I → I′: new gate/up rows random, new down columns zero (the neuron is alive but silent)."""
+    layer = dict(layer)
+    old = layer["up.weight"].shape[0]
+    extra = new_size - old
+    if extra == 0:
+        return layer
+    for role in ("gate", "up"):
+        if f"{role}.weight" in layer:
+            w = layer[f"{role}.weight"]
+            layer[f"{role}.weight"] = torch.cat([w, _normal((extra, w.shape[1]), _std(w, init_std), generator)])
+        if f"{role}.bias" in layer:
+            layer[f"{role}.bias"] = torch.cat([layer[f"{role}.bias"], _zeros(extra)])
+    down = layer["down.weight"]
+    layer["down.weight"] = torch.cat([down, _zeros(down.shape[0], extra)], dim=1)
+    return layer
+
+
+# ── query heads and KV heads ────────────────────────────────────────────────────────────────────────────────────
+
+
+def head_placement(heads: int, kv_heads: int, new_heads: int, new_kv_heads: int) -> tuple[list[int], list[int | None]]:
+    """Where each old query head goes, and what each new KV head starts as, so every old query head still reads
+    (a copy of) its own KV head. Query head h uses KV head h // G (G = heads per group).
+
+    Old KV head j is replicated r times (positions j·r … j·r+r−1, r the smallest factor that leaves room for the
+    old group: r·G′ ≥ G) and old query head (j, g) moves to j·r·G′ + g; leftover KV heads are new. r = 1 appends
+    whole new groups or widens groups (new query heads at the end of each group, o_proj columns permuted);
+    heads fixed with K → r·K duplicates KV heads and moves nothing.
+    Returns (new index of each old query head, source KV head or None for each new KV head).
+    """
+    group, new_group = heads // kv_heads, new_heads // new_kv_heads
+    for r in range(1, new_kv_heads // kv_heads + 1):
+        if r * new_group >= group:
+            break
+    else:
+        raise NetmorphError(
+            f"cannot place {heads} query heads in groups of {group} into {new_kv_heads} KV heads with groups of "
+            f"{new_group}: keep at least {group} query heads per KV head, or use a multiple of {kv_heads} KV heads"
+        )
+    query_positions = [(h // group) * r * new_group + h % group for h in range(heads)]
+    kv_sources = [j // r if j < r * kv_heads else None for j in range(new_kv_heads)]
+    return query_positions, kv_sources
+
+
+def regroup_heads(
+    layer: dict, heads: int, kv_heads: int, head_dim: int, new_heads: int, new_kv_heads: int,
+    generator: torch.Generator, init_std: float | None = None,
+) -> dict:
+    """Heads H → H′ and KV heads K → K′ at a fixed head_dim (see `head_placement`).
+
+    New query heads: random q rows, zero o_proj columns. New KV heads: copies (exact: the copies serve different
+    query heads and drift apart in training) or random rows where no old head needs them.
+    """
+    if (heads, kv_heads) == (new_heads, new_kv_heads):
+        return dict(layer)
+    layer = dict(layer)
+    positions, kv_sources = head_placement(heads, kv_heads, new_heads, new_kv_heads)
+    d = head_dim
+
+    q = layer["q.weight"].reshape(heads, d, -1)
+    new_q = _normal((new_heads, d, q.shape[-1]), _std(q, init_std), generator)
+    new_q[positions] = q
+    layer["q.weight"] = new_q.reshape(new_heads * d, -1)
+    if "q.bias" in layer:
+        bias = _zeros(new_heads, d)
+        bias[positions] = layer["q.bias"].reshape(heads, d)
+        layer["q.bias"] = bias.reshape(-1)
+
+    for role in ("k", "v"):
+        w = layer[f"{role}.weight"].reshape(kv_heads, d, -1)
+        random_heads = _normal((new_kv_heads, d, w.shape[-1]), _std(w, init_std), generator)
+        rows = [w[j] if j is not None else random_heads[i] for i, j in enumerate(kv_sources)]
+        layer[f"{role}.weight"] = torch.stack(rows).reshape(new_kv_heads * d, -1)
+        if f"{role}.bias" in layer:
+            b = layer[f"{role}.bias"].reshape(kv_heads, d)
+            layer[f"{role}.bias"] = torch.stack([b[j] if j is not None else _zeros(d) for j in kv_sources]).reshape(-1)
+
+    o = layer["o.weight"].reshape(-1, heads, d)
+    new_o = _zeros(o.shape[0], new_heads, d)
+    new_o[:, positions] = o
+    layer["o.weight"] = new_o.reshape(o.shape[0], new_heads * d)
+    return layer
+
+
+# ── head_dim ────────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def qk_dim_positions(head_dim: int, new_head_dim: int, rotary_dims: int) -> list[int]:
+    """New index, inside a q/k head, of each old dimension, keeping RoPE's rotate-half pairs (i, i + r/2) paired.
+
+    Partial rotary (r < d): rotary dims first, pass-through after — pad at the end, nothing moves.
+    Full rotary, d′ = k·d: old pair i → new pair k·i (frequency θ^(−2i/d) is new frequency k·i: θ unchanged).
+    Full rotary otherwise: per-half padding [x1, pad, x2, pad]; the caller sets θ′ = θ^(d′/d).
+    """
+    if rotary_dims < head_dim:
+        return list(range(head_dim))
+    half, new_half = head_dim // 2, new_head_dim // 2
+    stride = new_head_dim // head_dim if new_head_dim % head_dim == 0 else 1
+    return [stride * i if i < half else new_half + stride * (i - half) for i in range(head_dim)]
+
+
+def grow_head_dim(
+    layer: dict, heads: int, kv_heads: int, head_dim: int, new_head_dim: int, rotary_dims: int,
+    generator: torch.Generator, init_std: float | None = None,
+) -> dict:
+    """head_dim d → d′. q/k dims move per `qk_dim_positions`; q pads random, k pads zero (scores unchanged);
+    q × √(d′/d) undoes the change of the 1/√head_dim scaling; v pads random with zero o_proj columns."""
+    if new_head_dim == head_dim:
+        return dict(layer)
+    layer = dict(layer)
+    d, d2 = head_dim, new_head_dim
+    positions = qk_dim_positions(d, d2, rotary_dims)
+    q_scale = math.sqrt(d2 / d)
+
+    def place(tensor, count, fill):  # (count·d, ...) → (count·d2, ...), old dims at `positions`
+        per_head = tensor.reshape(count, d, *tensor.shape[1:])
+        grown = fill((count, d2, *tensor.shape[1:]))
+        grown[:, positions] = per_head
+        return grown.reshape(count * d2, *tensor.shape[1:])
+
+    q = layer["q.weight"]
+    layer["q.weight"] = place(q, heads, lambda shape: _normal(shape, _std(q, init_std), generator)) * q_scale
+    if "q.bias" in layer:
+        layer["q.bias"] = place(layer["q.bias"], heads, _zeros) * q_scale
+    layer["k.weight"] = place(layer["k.weight"], kv_heads, _zeros)
+    if "k.bias" in layer:
+        layer["k.bias"] = place(layer["k.bias"], kv_heads, _zeros)
+
+    v_positions = list(range(d))  # v is not rotated: pad at the end of each head
+    v = layer["v.weight"].reshape(kv_heads, d, -1)
+    new_v = _normal((kv_heads, d2, v.shape[-1]), _std(v, init_std), generator)
+    new_v[:, v_positions] = v
+    layer["v.weight"] = new_v.reshape(kv_heads * d2, -1)
+    if "v.bias" in layer:
+        layer["v.bias"] = torch.cat([layer["v.bias"].reshape(kv_heads, d), _zeros(kv_heads, d2 - d)], 1).reshape(-1)
+    o = layer["o.weight"].reshape(-1, heads, d)
+    layer["o.weight"] = torch.cat([o, _zeros(o.shape[0], heads, d2 - d)], dim=2).reshape(o.shape[0], heads * d2)
+    return layer
+
+
+# ── hidden size ─────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def grow_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, new_size: int, kind: str, extra_factor: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A norm over n → n′ dims (eps must be scaled by n/n′ in the config).
+
+    The normalised old dims come out √(n′/n) larger (RMS over more dims, or LayerNorm variance of a mean-filled
+    vector), so the old gains are × √(n/n′). New gains: the mean old gain — non-zero, so the new dims learn.
+    kind: "rms" (gain w), "rms_one_plus" (Gemma: gain 1+w), "layer" (LayerNorm: gain w, bias; new bias 0 so the
+    readers see exactly 0 on the new dims).
+    """
+    scale = math.sqrt(weight.shape[0] / new_size) * extra_factor
+    extra = new_size - weight.shape[0]
+    gain = (1.0 + weight.to(DTYPE) if kind == "rms_one_plus" else weight.to(DTYPE)) * scale
+    new_gain = gain.abs().mean().clamp_min(1e-3).expand(extra)
+    grown = torch.cat([gain, new_gain])
+    if kind == "rms_one_plus":
+        grown = grown - 1.0
+    new_bias = None if bias is None else torch.cat([bias.to(DTYPE), _zeros(extra)])
+    return grown, new_bias
+
+
+def _new_rows(matrix: torch.Tensor, extra: int, fill: str) -> torch.Tensor:
+    """Rows for the new residual dims of a writer: zero-fill (RMSNorm) or mean-fill (LayerNorm, §4)."""
+    if fill == "mean":
+        return matrix.to(DTYPE).mean(dim=0, keepdim=True).expand(extra, *matrix.shape[1:])
+    return _zeros(extra, *matrix.shape[1:])
+
+
+def grow_hidden_layer(
+    layer: dict, new_size: int, norm_kind: str, generator: torch.Generator, init_std: float | None = None
+) -> dict:
+    """Hidden size n → n′ inside a layer. Readers get random new columns (they only ever see 0 there);
+    writers get new rows that keep the residual stream's new dims at 0 (RMSNorm) or at the mean of the old dims
+    (LayerNorm); norms per `grow_norm`."""
+    layer = dict(layer)
+    fill = "mean" if norm_kind == "layer" else "zero"
+    for name, tensor in list(layer.items()):
+        role, kind = name.split(".", 1)
+        extra = new_size - (tensor.shape[-1] if role in READERS and kind == "weight" else tensor.shape[0])
+        if role in READERS and kind == "weight":
+            layer[name] = torch.cat([tensor, _normal((tensor.shape[0], extra), _std(tensor, init_std), generator)], 1)
+        elif role in WRITERS:
+            layer[name] = torch.cat([tensor.to(DTYPE), _new_rows(tensor, extra, fill)])
+    for norm in ("attn_norm", "mlp_norm"):
+        if f"{norm}.weight" in layer:
+            weight, bias = grow_norm(layer[f"{norm}.weight"], layer.get(f"{norm}.bias"), new_size, norm_kind)
+            layer[f"{norm}.weight"] = weight
+            if bias is not None:
+                layer[f"{norm}.bias"] = bias
+    return layer
+
+
+def grow_embedding(embedding: torch.Tensor, new_size: int, norm_kind: str, scale: float = 1.0) -> torch.Tensor:
+    """Token (or position) embedding (V, n) → (V, n′): new columns 0 (RMSNorm) or each row's mean (LayerNorm).
+    `scale` folds in a change of the model's own embedding multiplier (Gemma: √n → √n′)."""
+    extra = new_size - embedding.shape[1]
+    e = embedding.to(DTYPE) * scale
+    new = e.mean(dim=1, keepdim=True).expand(-1, extra) if norm_kind == "layer" else _zeros(e.shape[0], extra)
+    return torch.cat([e, new], dim=1)
+
+
+def grow_lm_head(lm_head: torch.Tensor, new_size: int, generator: torch.Generator, init_std: float | None = None):
+    """An untied output head reads the final norm, which is exactly 0 on the new dims: random new columns."""
+    extra = new_size - lm_head.shape[1]
+    return torch.cat([lm_head.to(DTYPE), _normal((lm_head.shape[0], extra), _std(lm_head, init_std), generator)], 1)

@@ -1,0 +1,56 @@
+"""Tiny random models of every family `netmorph grow` supports, built in code with the stock classes."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from netmorph.grow import grow
+from netmorph.options import GrowOptions
+
+COMMON = dict(vocab_size=97, num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Each family at its awkward corners: odd GQA, head_dim ≠ hidden/heads, biases, partial rotary, tied embeddings.
+TINY = {
+    "llama": dict(hidden_size=36, intermediate_size=56, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=True),
+    "mistral": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                    rms_norm_eps=1e-5, sliding_window=7),
+    "qwen2": dict(hidden_size=36, intermediate_size=56, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, use_sliding_window=True, sliding_window=7,
+                  max_window_layers=1),
+    "stablelm": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     layer_norm_eps=1e-5, use_qkv_bias=True, partial_rotary_factor=0.25),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, layer_norm_eps=1e-5,
+                     rotary_pct=0.25, use_parallel_residual=True),
+    "phi3": dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 rms_norm_eps=1e-5, partial_rotary_factor=0.5, pad_token_id=0),
+    "gemma": dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+
+
+def tiny_config(family: str, **overrides):
+    return AutoConfig.for_model(family, **{**COMMON, **TINY[family], **overrides})
+
+
+def save_tiny(directory: Path, family: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """A tiny random model with non-trivial norms and biases, and embeddings off-centre (so LayerNorm means
+    matter: zero-fill instead of mean-fill would show)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_((0.3 if family == "gemma" else 1.0) + 0.3 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+            elif "embed" in name:
+                param.add_(0.5)
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def grow_tiny(source: Path, output: Path, **options):
+    options.setdefault("verify", False)
+    return grow(str(source), output, GrowOptions.build(**options))
