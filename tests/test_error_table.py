@@ -285,6 +285,18 @@ def split_heads_odd(case):
     return [CONVERT, case.src, "-o", case.out, "--split-heads"]
 
 
+@row("`grow --num-attention-heads 10` on 9 query / 3 KV heads (impossible GQA grouping)",
+     "10 query heads cannot be split into 3 KV heads: pick --num-key-value-heads from [5, 10] or heads a multiple of 3")
+def grow_heads_impossible(case):
+    return ["grow", case.src, "-o", case.out, "--num-attention-heads", "10"]
+
+
+@row("`grow --hidden-size 30` on hidden 36 (shrinking)",
+     "--hidden-size 30 is smaller than the model's 36: grow only (pass a value ≥ 36, or leave it out)")
+def grow_hidden_smaller(case):
+    return ["grow", case.src, "-o", case.out, "--hidden-size", "30"]
+
+
 @row("`--zero-init --mirror-weights`",
      "--zero-init and --mirror-weights conflict: choose one negative-component init")
 def zero_and_mirror(case):
