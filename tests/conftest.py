@@ -1,7 +1,14 @@
+import hashlib
 import os
+import sys
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# flex_attention compiles C++ on CPU. One inductor cache per virtualenv: another checkout's torch must not share
+# precompiled headers and kernels with this one (seen as a C++ compile error in a fresh clone on a shared machine).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "torchinductor-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -9,6 +16,10 @@ import torch  # noqa: E402
 from tests.helpers import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
+# Static shapes for every compile: torch 2.13's dynamic-shape CPU FlexAttention template is the other suspect for
+# that compile error, and the tests use few shapes.
+torch._dynamo.config.automatic_dynamic_shapes = False
+torch._dynamo.config.cache_size_limit = 64
 
 
 @pytest.fixture(scope="session")
