@@ -30,26 +30,16 @@ def parse_size(text: str) -> int:
     return int(number * powers[unit])
 
 
-class ConvertOptions(BaseModel):
-    """Options of `netmorph convert-diff-transformer`."""
+class CheckpointOptions(BaseModel):
+    """What every command that writes a checkpoint takes: seed, verification, output and input safety."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    zero_init: bool = Field(False, description="Negative q/k start at zero (exact; but zero q2 AND zero k2 is a saddle: neither gets a gradient).")
-    mirror_weights: bool = Field(False, description="Negative q/k start as copies of the positive ones (exact while mix=0).")
-    negative_std: float = Field(0.02, gt=0, description="Std of the small zero-mean normal init of the negative q/k (default mode).")
-    split_heads: bool = Field(False, description="Use half of the existing heads as the negative component (approximate; needs even head counts).")
-    sublayer_norm: bool = Field(False, description="Add the paper's per-head RMSNorm before o_proj (approximate).")
-    lambda_start: Literal["paper", "zero"] = Field("paper", description="paper: λ_init=0.8−0.6·exp(−0.3·l), random λ vectors. zero: λ is exactly 0 at any mix yet trainable.")
-    lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
     seed: int = Field(0, description="Seed of every random init (same seed, same bytes).")
-    debug: bool = Field(False, description="Log each converted layer, compare losses, logits and greedy text on a sample.")
+    debug: bool = Field(False, description="Log each changed layer, compare losses, logits and greedy text on a sample.")
     force: bool = Field(False, description="Replace a non-empty output directory.")
-    verify: bool = Field(True, description="Run original and converted on real text and record the figures in the model card.")
-    tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
+    verify: bool = Field(True, description="Run the original and the new model on real text and record the figures in the model card.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
-    verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
-    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
     trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
 
@@ -58,6 +48,21 @@ class ConvertOptions(BaseModel):
     def _valid_size(cls, value: str) -> str:
         parse_size(value)
         return value
+
+
+class ConvertOptions(CheckpointOptions):
+    """Options of `netmorph convert-diff-transformer`."""
+
+    zero_init: bool = Field(False, description="Negative q/k start at zero (exact; but zero q2 AND zero k2 is a saddle: neither gets a gradient).")
+    mirror_weights: bool = Field(False, description="Negative q/k start as copies of the positive ones (exact while mix=0).")
+    negative_std: float = Field(0.02, gt=0, description="Std of the small zero-mean normal init of the negative q/k (default mode).")
+    split_heads: bool = Field(False, description="Use half of the existing heads as the negative component (approximate; needs even head counts).")
+    sublayer_norm: bool = Field(False, description="Add the paper's per-head RMSNorm before o_proj (approximate).")
+    lambda_start: Literal["paper", "zero"] = Field("paper", description="paper: λ_init=0.8−0.6·exp(−0.3·l), random λ vectors. zero: λ is exactly 0 at any mix yet trainable.")
+    lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
+    tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
+    verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
+    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -97,10 +102,8 @@ GROWTH_FIELDS = ("num_layers", "intermediate_size", "num_attention_heads", "num_
                  "hidden_size")
 
 
-class GrowOptions(BaseModel):
+class GrowOptions(CheckpointOptions):
     """Options of `netmorph grow`. Every size is the target size; leave a size out to keep it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     num_layers: int | None = Field(None, gt=0, description="Target number of layers (new layers add nothing until trained).")
     intermediate_size: int | None = Field(None, gt=0, description="Target MLP intermediate size.")
@@ -111,21 +114,8 @@ class GrowOptions(BaseModel):
     new_layers_at: str = Field("append", description="Where new layers go: append, interleave, or comma-separated source layer indices each new layer follows (e.g. 3,7,11).")
     layer_init: Literal["copy", "normal"] = Field("copy", description="New layers: copy the layer they follow (Llama Pro) or draw fresh normal weights; their output projections start at zero either way.")
     init_std: float | None = Field(None, gt=0, description="Std of the new random weights [default: each grown tensor's own std].")
-    seed: int = Field(0, description="Seed of every random init (same seed, same bytes).")
-    debug: bool = Field(False, description="Log each grown layer, compare losses, logits and greedy text on a sample.")
-    force: bool = Field(False, description="Replace a non-empty output directory.")
-    verify: bool = Field(True, description="Run original and grown model on real text and record the figures in the model card.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| that counts as exact in the verification (in --verify-dtype).")
     verify_dtype: Literal["float64", "float32"] = Field("float64", description="Precision both models run in for the verification. float64 measures the checkpoint itself; float32 adds the model's own run-to-run rounding noise (~1e-4 on SmolLM2: eager vs sdpa differ that much).")
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
-    allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
-    trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _valid_size(cls, value: str) -> str:
-        parse_size(value)
-        return value
 
     @field_validator("new_layers_at")
     @classmethod
