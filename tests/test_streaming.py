@@ -267,6 +267,10 @@ def synthesize_llama(directory, layers: int):
 
 PEAK_RSS = """
 import runpy, sys
+import netmorph.io.streaming
+# The writer may queue up to MAX_BYTES_IN_FLIGHT (512 MiB) for a slow disk: more than this test's whole model, so
+# on a busy disk the bigger model would simply queue more. A 16 MiB queue makes the comparison about the converter.
+netmorph.io.streaming.MAX_BYTES_IN_FLIGHT = 16 * 2**20
 sys.argv = ["netmorph"] + sys.argv[1:]
 try:
     runpy.run_module("netmorph.cli", run_name="__main__")
