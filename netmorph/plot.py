@@ -87,7 +87,7 @@ def _save(figure, output: str | Path) -> Path:
 def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Positive and negative softmax maps (heads, T, T) of one differential-attention layer for one sequence,
     from the layer's real input during a forward pass, and the λ the layer applies."""
-    from netmorph.train.callbacks import diff_attention_modules
+    from netmorph.train.callbacks import attention_input, diff_attention_modules
 
     modules = diff_attention_modules(model)
     if not modules:
@@ -97,8 +97,8 @@ def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Te
     module, captured = modules[layer], {}
 
     def hook(mod, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        captured["maps"] = mod.branch_probabilities(hidden[:1], kwargs["position_embeddings"])
+        hidden, position_embeddings = attention_input(args, kwargs)
+        captured["maps"] = mod.branch_probabilities(hidden[:1], position_embeddings)
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

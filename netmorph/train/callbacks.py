@@ -61,6 +61,11 @@ class DiffAttnWarmupCallback(TrainerCallback):
         self._apply(state, model)
 
 
+def attention_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The hidden states and (cos, sin) a differential-attention module is called with, from a forward pre-hook."""
+    return kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"]
+
+
 def lambda_metrics(module) -> dict[str, float]:
     """λ figures of one layer: vector norms, λ1, λ2, λ_init, λ_full (without the mix, as the paper defines it)."""
     with torch.no_grad():
@@ -158,8 +163,7 @@ class DiffAttnMonitorCallback(TrainerCallback):
             if index not in self._armed:
                 return
             self._armed.discard(index)  # first micro-batch only (and not again under gradient checkpointing)
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
+            hidden, (cos, sin) = attention_input(args, kwargs)
             tokens = min(hidden.shape[1], self.max_tokens)
             positive, negative = module.branch_probabilities(hidden[:1, :tokens], (cos[:1, :tokens], sin[:1, :tokens]))
             lam = module.lambda_full().item()
