@@ -486,7 +486,7 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify_growth(source: Source, directory: Path, options: GrowOptions) -> VerifyReport:
+def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa") -> VerifyReport:
     """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
 
     Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
@@ -495,8 +495,8 @@ def verify_growth(source: Source, directory: Path, options: GrowOptions) -> Veri
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, options.verify_dtype)
-    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa").eval()
-    original = source.load_model("sdpa")
+    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
+    original = source.load_model(backend)
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     try:
         original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
@@ -531,7 +531,7 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         source.save_generation_config(tmp)
         reports = []
         if options.verify or options.debug:
-            report = verify_growth(source, tmp, options)
+            report = verify_growth(source, tmp, options, spec.attention_backend)
             reports.append(report)
             if not report.passed:
                 raise NetmorphError(

@@ -173,3 +173,26 @@ def test_new_post_norm_layers_zero_the_post_norm_gain_not_the_writer(sources, tm
     assert torch.equal(state[new + "post_attention_layernorm.weight"], torch.full((48,), -1.0))
     assert torch.equal(state[new + "post_feedforward_layernorm.weight"], torch.full((48,), -1.0))
     assert state[new + "self_attn.o_proj.weight"].abs().sum() > 0 and state[new + "mlp.down_proj.weight"].abs().sum() > 0
+
+
+@pytest.mark.real_model  # borrows the bundled SmolLM2 tokenizer
+@pytest.mark.parametrize("family, args", [
+    ("gemma2", ["--num-layers", "3", "--head-dim", "20", "--hidden-size", "64"]),
+    ("falcon_grouped", ["--num-attention-heads", "6", "--num-key-value-heads", "3", "--hidden-size", "48"]),
+    ("gpt2", ["--num-layers", "3", "--hidden-size", "40", "--num-attention-heads", "5"]),
+    ("olmo2", ["--num-layers", "3", "--num-key-value-heads", "4"]),
+])
+def test_cli_verifies_new_families_on_real_text(smollm2_dir, tmp_path, family, args):
+    """The command end to end with its own verification (both models on the default texts, greedy text, sdpa) for
+    a family of each new kind: tiny models with SmolLM2's vocabulary and tokenizer."""
+    from netmorph.sources import TOKENIZER_FILES
+
+    source = save_tiny(tmp_path / "src", family, vocab_size=49152, max_position_embeddings=512)
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).exists():
+            (source / name).write_bytes((smollm2_dir / name).read_bytes())
+    out = tmp_path / "grown"
+    result = run_cli("grow", source, "-o", out, *args)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "Generations match" in result.output
+    assert MODEL_TYPE.get(family, family) == load32(out).config.model_type

@@ -121,6 +121,7 @@ class ArchSpec:
     free_head_dim: bool = True
     heads_divide_hidden: bool = False
     layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set
+    attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
     grow_refuses: tuple[Refusal, ...] = ()
 
     # ── names ──
@@ -209,6 +210,7 @@ FAMILIES: dict[str, ArchSpec] = {
                            Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
         _rms("gemma", norm="rms_one_plus", embed_scale=True, tied=True),
         _rms("gemma2", norm="rms_one_plus", tensors=GEMMA2_LAYER, embed_scale=True, tied=True, heads_divide_hidden=True,
+             attention_backend="eager",
              attention_scale="query_pre_attn_scalar", sliding="layer_types"),
         _rms("gemma3_text", norm="rms_one_plus", tensors={**GEMMA2_LAYER, **QK_NORMS}, qk_norm="per_head",
              embed_scale=True, tied=True, attention_scale="query_pre_attn_scalar", sliding="layer_types",
