@@ -248,7 +248,14 @@ def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
     positions = new_layer_positions(source.layers, target.layers - source.layers, options.new_layers_at)
     order = layer_order(source.layers, positions)
     _check_layer_index_scaling(spec, config, source, order)
-    if target.hidden != source.hidden:
+    if target.hidden != source.hidden and spec.hidden_growth == "copies":
+        if target.hidden % source.hidden:
+            raise NetmorphError(
+                f"{spec.model_type} grows hidden_size by whole copies of the residual stream (its q/k norms share "
+                f"{spec.eps_field} with every norm, so zero-fill's eps × n/n′ would not be exact): pass "
+                f"{_flag('hidden_size')} a multiple of {source.hidden} (e.g. {2 * source.hidden})"
+            )
+    elif target.hidden != source.hidden:
         updates[spec.eps_field] = getattr(config, spec.eps_field) * source.hidden / target.hidden
     updates.update({spec.field("num_layers"): target.layers, spec.field("intermediate_size"): target.intermediate,
                     spec.field("num_attention_heads"): target.heads, spec.field("hidden_size"): target.hidden})
@@ -378,7 +385,9 @@ def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions
     if t.head_dim != s.head_dim:
         layer = ops.grow_head_dim(layer, t.heads, t.kv_heads, s.head_dim, t.head_dim, plan.rotary_dims, generator,
                                   options.init_std, plan.spec.attention_scale == "head_dim")
-    if t.hidden != s.hidden:
+    if t.hidden != s.hidden and plan.spec.hidden_growth == "copies":
+        layer = ops.copy_hidden_layer(layer, t.hidden // s.hidden, generator, options.init_std)
+    elif t.hidden != s.hidden:
         layer = ops.grow_hidden_layer(layer, t.hidden, plan.spec.norm, generator, options.init_std)
     return layer
 
@@ -399,6 +408,8 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
         for name in handled:
             if name in reader and not (tied and name == spec.lm_head):
                 writer.add(name, reader.get(name))
+    elif spec.hidden_growth == "copies":
+        _copy_globals(reader, spec, t.hidden // s.hidden, embed_scale, tied, writer, generator, options)
     else:
         writer.add(spec.embed, ops.grow_embedding(embedding, t.hidden, spec.norm, embed_scale).to(dtype))
         if spec.position_embed in reader:  # GPT-2's learned positions write the residual stream like the tokens
@@ -426,6 +437,24 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
             raise NetmorphError(f"the checkpoint holds {name}, which netmorph does not know how to grow in hidden "
                                 "size: please report it")
         writer.add(name, reader.get(name))
+
+
+def _copy_globals(reader, spec: ArchSpec, copies: int, embed_scale: float, tied: bool, writer, generator,
+                  options: GrowOptions) -> None:
+    """Embedding, final norm and head for hidden growth by copies. A tied head reads the k copies of the final norm
+    through the (scaled) embedding copies: the final norm's gain × 1/(k·scale) brings the logits back."""
+    dtype = reader.get(spec.embed).dtype
+    writer.add(spec.embed, ops.copy_embedding(reader.get(spec.embed), copies, embed_scale).to(dtype))
+    bias_name = f"{spec.final_norm}.bias"
+    weight, bias = ops.copy_norm(reader.get(f"{spec.final_norm}.weight"),
+                                 reader.get(bias_name) if bias_name in reader else None, copies, spec.norm,
+                                 1.0 / (copies * embed_scale) if tied else 1.0)
+    writer.add(f"{spec.final_norm}.weight", weight.to(dtype))
+    if bias is not None:
+        writer.add(bias_name, bias.to(dtype))
+    if not tied:
+        writer.add(spec.lm_head, ops.copy_lm_head(reader.get(spec.lm_head), copies, generator,
+                                                  options.init_std).to(dtype))
 
 
 def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer: ShardedWriter, options: GrowOptions):

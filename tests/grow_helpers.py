@@ -34,7 +34,7 @@ TINY = {
                    rms_norm_eps=1e-6, query_pre_attn_scalar=10, attn_logit_softcapping=5.0,
                    final_logit_softcapping=30.0, sliding_window=7),
     "gemma3_text": dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, rms_norm_eps=1e-6, query_pre_attn_scalar=10, sliding_window=7,
+                        head_dim=16, rms_norm_eps=1e-6, query_pre_attn_scalar=16, sliding_window=7,
                         layer_types=["sliding_attention", "full_attention"]),
     "olmo2": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                   rms_norm_eps=1e-5),

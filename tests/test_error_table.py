@@ -298,9 +298,8 @@ def grow_hidden_smaller(case):
 
 
 @row("`grow --hidden-size 40` on a Qwen3 (per-head q/k norms)",
-     "this qwen3 model cannot grow --hidden-size exactly: its q/k norms share the one rms_norm_eps with every other "
-     "norm, and hidden growth must scale that eps by n/n′ (exact for the hidden-size norms, not for the q/k norms); "
-     "grow --num-layers, --intermediate-size, --num-attention-heads or --num-key-value-heads only")
+     "qwen3 grows hidden_size by whole copies of the residual stream (its q/k norms share rms_norm_eps with every "
+     "norm, so zero-fill's eps × n/n′ would not be exact): pass --hidden-size a multiple of 32 (e.g. 64)")
 def grow_qwen3_hidden(case):
     from tests.grow_helpers import save_tiny
 

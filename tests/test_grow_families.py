@@ -28,7 +28,8 @@ CASES = {
               ((D,), dict(head_dim=12)), ((N,), dict(hidden_size=48))],
     "qwen3": [((L,), dict(num_layers=3, new_layers_at="0")), ((I,), dict(intermediate_size=60)),
               ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
-              ((H,), dict(num_attention_heads=8))],
+              ((H,), dict(num_attention_heads=8)), ((N,), dict(hidden_size=64)),
+              ((L, H, K, N), dict(num_layers=3, num_attention_heads=6, num_key_value_heads=3, hidden_size=96))],
     "gemma": [((L,), dict(num_layers=3)), ((I,), dict(intermediate_size=80)),
               ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
               ((D,), dict(head_dim=24)), ((N,), dict(hidden_size=64))],
@@ -36,7 +37,8 @@ CASES = {
                ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
                ((D,), dict(head_dim=20)), ((D,), dict(head_dim=32)), ((N,), dict(hidden_size=64))],
     "gemma3_text": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=80)),
-                    ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4))],
+                    ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
+                    ((N,), dict(hidden_size=96)), ((I, N), dict(intermediate_size=80, hidden_size=144))],
     "olmo2": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=60)),
               ((K,), dict(num_key_value_heads=4))],
     "phi3": [((L,), dict(num_layers=3)), ((I,), dict(intermediate_size=80)),
@@ -119,11 +121,9 @@ def test_every_family_grows_every_supported_dim_exactly(sources, tmp_path, famil
 @pytest.mark.parametrize(
     "family, args, words",
     [
-        ("qwen3", ["--hidden-size", "40"], ["cannot grow --hidden-size exactly", "share the one rms_norm_eps",
-                                            "grow --num-layers, --intermediate-size, --num-attention-heads or "
-                                            "--num-key-value-heads only"]),
+        ("qwen3", ["--hidden-size", "40"], ["by whole copies", "a multiple of 32 (e.g. 64)"]),
         ("qwen3", ["--head-dim", "16"], ["cannot grow --head-dim exactly", "normalise over head_dim"]),
-        ("gemma3_text", ["--hidden-size", "64"], ["cannot grow --hidden-size exactly"]),
+        ("gemma3_text", ["--hidden-size", "64"], ["by whole copies", "a multiple of 48"]),
         ("olmo2", ["--num-attention-heads", "8"], ["cannot grow --num-attention-heads exactly",
                                                    "all heads × head_dim together"]),
         ("olmo2", ["--hidden-size", "64"], ["cannot grow --hidden-size exactly", "grow --num-layers, "

@@ -246,3 +246,26 @@ def test_grow_embedding_fill():
     assert torch.equal(ops.grow_embedding(e, 5, "rms")[:, 3:], torch.zeros(5, 2, dtype=D))
     torch.testing.assert_close(ops.grow_embedding(e, 5, "layer")[:, 3:], e.mean(1, keepdim=True).expand(-1, 2))
     torch.testing.assert_close(ops.grow_embedding(e, 5, "rms", scale=0.5)[:, :3], e * 0.5)
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_hidden_growth_by_copies_keeps_every_norm_and_breaks_symmetry(copies):
+    """Residual [x, …, x]: readers give W·x, writers write k copies, norms (gain repeated, eps unchanged) see the
+    same statistics; the reader copies differ (zero-sum noise), so training can pull the copies apart."""
+    n, out = 5, 7
+    layer = {"q.weight": randn(out, n, seed=1), "up.weight": randn(out, n, seed=2), "o.weight": randn(n, out, seed=3),
+             "o.bias": randn(n, seed=4), "attn_norm.weight": randn(n, seed=5), "q_norm.weight": randn(3, seed=6)}
+    grown = ops.copy_hidden_layer(layer, copies, gen())
+    x, h = randn(4, n, seed=7), randn(4, out, seed=8)
+    xk = x.repeat(1, copies)
+    for reader in ("q", "up"):
+        torch.testing.assert_close(xk @ grown[f"{reader}.weight"].T, x @ layer[f"{reader}.weight"].T, rtol=0, atol=1e-12)
+        blocks = grown[f"{reader}.weight"].split(n, dim=1)
+        assert (blocks[0] - blocks[1]).abs().max() > 1e-3
+    torch.testing.assert_close(h @ grown["o.weight"].T + grown["o.bias"], (h @ layer["o.weight"].T + layer["o.bias"]).repeat(1, copies))
+    eps = 1e-2
+    torch.testing.assert_close(rms_norm(xk, grown["attn_norm.weight"], eps, False),
+                               rms_norm(x, layer["attn_norm.weight"], eps, False).repeat(1, copies))
+    assert torch.equal(grown["q_norm.weight"], layer["q_norm.weight"])  # per-head q/k norms: untouched
+    weight, _ = ops.copy_norm(layer["attn_norm.weight"], None, copies, "rms_one_plus", factor=0.5)
+    torch.testing.assert_close(1 + weight, ((1 + layer["attn_norm.weight"]) * 0.5).repeat(copies))

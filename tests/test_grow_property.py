@@ -19,8 +19,10 @@ FREE_HEAD_DIM = ("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3", "gemma
 PARTIAL_ROTARY = {"stablelm": 0.25, "gpt_neox": 0.25, "phi3": 0.5}
 KV_IS_HEADS = ("gpt_neox", "gpt2", "falcon_mha")  # one KV head per query head, always
 KV_IS_ONE = ("falcon",)  # multi-query
-FIXED_WIDTH = ("qwen3", "gemma3_text", "olmo2", "falcon_alibi")  # q/k norms or ALiBi: head_dim and hidden stay
+FIXED_WIDTH = ("qwen3", "gemma3_text", "olmo2", "falcon_alibi")  # q/k norms or ALiBi: head_dim stays (hidden too,
+# except by whole copies for COPIES_HIDDEN)
 FIXED_HEADS = ("olmo2", "falcon_alibi")  # query heads stay (OLMo2's KV heads grow by whole copies only)
+COPIES_HIDDEN = ("qwen3", "gemma3_text")
 DIVIDES_HIDDEN = ("llama", "gemma2", "gemma3_text")  # their config classes insist on hidden % heads == 0
 FIELD_NAMES = {"gpt2": {"intermediate_size": "n_inner"},
                "falcon": {"intermediate_size": "ffn_hidden_size", "num_key_value_heads": "num_kv_heads"}}
@@ -39,8 +41,11 @@ def growth(draw, family):
     prf = draw(st.sampled_from([PARTIAL_ROTARY[family], 1.0])) if family in PARTIAL_ROTARY else 1.0
     if family in FREE_HEAD_DIM:
         head_dim = draw(st.sampled_from([4, 6, 8]))
-        hidden = (24 if family in FIXED_WIDTH else heads * draw(st.integers(2, 4))) if family in DIVIDES_HIDDEN \
-            else draw(st.integers(8, 20))
+        # hidden ≥ 8: below that the source's own rounding is the figure (Gemma2 at hidden 2: 2e-5 — it normalises
+        # in float32 even in a float64 model)
+        per_head = math.ceil(8 / heads)
+        hidden = (24 if family in FIXED_WIDTH else heads * draw(st.integers(per_head, per_head + 2))) \
+            if family in DIVIDES_HIDDEN else draw(st.integers(8, 20))
     else:
         head_dim = draw(st.sampled_from([8, 16] if prf < 1 else [4, 8] if rotary else [2, 3, 4]))
         hidden = heads * head_dim
@@ -71,7 +76,9 @@ def growth(draw, family):
     step = 2 if rotary and prf == 1.0 else 1  # full rotary needs an even head_dim
     new_head_dim = head_dim if family in FIXED_WIDTH else draw(
         st.sampled_from([head_dim, head_dim + step, head_dim + 2 * step, 2 * head_dim]))
-    if family in FIXED_WIDTH:
+    if family in COPIES_HIDDEN:  # hidden grows by whole copies of the residual stream
+        new_hidden = hidden * draw(st.integers(1, 3))
+    elif family in FIXED_WIDTH:
         new_hidden = hidden
     elif family in FREE_HEAD_DIM:
         new_hidden = hidden + draw(st.integers(0, 8))

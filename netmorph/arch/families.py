@@ -121,6 +121,7 @@ class ArchSpec:
     free_head_dim: bool = True
     heads_divide_hidden: bool = False
     layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set
+    hidden_growth: str = "fill"  # "fill" (zero/mean-fill, eps × n/n′) or "copies" (whole multiples, eps kept)
     attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
     grow_refuses: tuple[Refusal, ...] = ()
 
@@ -205,17 +206,15 @@ FAMILIES: dict[str, ArchSpec] = {
         _rms("mistral", sliding="all"),
         _rms("qwen2", qkv_bias=True, sliding="layer_types"),
         _rms("qwen3", tensors={**STANDARD_LAYER, **QK_NORMS}, qk_norm="per_head", qkv_bias="attention_bias",
-             o_bias="attention_bias", sliding="layer_types",
-             grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
-                           Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
+             o_bias="attention_bias", sliding="layer_types", hidden_growth="copies",
+             grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),)),
         _rms("gemma", norm="rms_one_plus", embed_scale=True, tied=True),
         _rms("gemma2", norm="rms_one_plus", tensors=GEMMA2_LAYER, embed_scale=True, tied=True, heads_divide_hidden=True,
              attention_backend="eager",
              attention_scale="query_pre_attn_scalar", sliding="layer_types"),
         _rms("gemma3_text", norm="rms_one_plus", tensors={**GEMMA2_LAYER, **QK_NORMS}, qk_norm="per_head",
              embed_scale=True, tied=True, attention_scale="query_pre_attn_scalar", sliding="layer_types",
-             heads_divide_hidden=True, grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
-                           Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
+             heads_divide_hidden=True, hidden_growth="copies", grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),)),
         _rms("olmo2", qk_norm="full_width", sliding="layer_types", free_head_dim=False, qkv_bias="attention_bias",
              o_bias="attention_bias",
              tensors={**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,

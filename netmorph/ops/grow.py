@@ -340,3 +340,49 @@ def grow_lm_head(lm_head: torch.Tensor, new_size: int, generator: torch.Generato
     """An untied output head reads the final norm, which is exactly 0 on the new dims: random new columns."""
     extra = new_size - lm_head.shape[1]
     return torch.cat([lm_head.to(DTYPE), _normal((lm_head.shape[0], extra), _std(lm_head, init_std), generator)], 1)
+
+
+# ── hidden size by whole copies (the residual stream becomes [x, x, …, x]) ───────────────────────────────────────
+# Every norm sees the same mean and mean square over k·n dims as over n, so no gain or eps changes: the recipe for
+# families whose one eps field also serves q/k norms (Qwen3, Gemma3), where zero-fill's eps × n/n′ would not be
+# exact. HyperCloning's layout; zero-sum noise on the reader copies breaks the copies' symmetry — small
+# (COPY_NOISE × the tensor's spread, ~20 dB below the weights): any non-zero amount does that, and a large one only
+# adds float cancellation noise to the exact sum.
+COPY_NOISE = 0.1
+
+
+def _reader_copies(weight: torch.Tensor, copies: int, generator: torch.Generator, noise_std: float) -> torch.Tensor:
+    """(out, n) → (out, k·n): k blocks W/k + N_i with Σ N_i = 0, so W′·[x, …, x] = W·x for any noise."""
+    noise = _normal((copies, *weight.shape), noise_std, generator)
+    blocks = weight.to(DTYPE) / copies + (noise - noise.mean(dim=0, keepdim=True))
+    return torch.cat(list(blocks), dim=1)
+
+
+def copy_hidden_layer(layer: dict, copies: int, generator: torch.Generator, init_std: float | None = None) -> dict:
+    """Hidden n → k·n inside a layer: readers as `_reader_copies`, writers' rows (and biases) and every norm over
+    the residual stream repeated k times."""
+    layer = dict(layer)
+    for name, tensor in list(layer.items()):
+        role, kind = name.split(".", 1)
+        if role in READERS and kind == "weight":
+            layer[name] = _reader_copies(tensor, copies, generator, COPY_NOISE * _std(tensor, init_std))
+        elif role in WRITERS or role in RESIDUAL_NORMS:
+            layer[name] = tensor.to(DTYPE).repeat(copies, *([1] * (tensor.dim() - 1)))
+    return layer
+
+
+def copy_embedding(embedding: torch.Tensor, copies: int, scale: float = 1.0) -> torch.Tensor:
+    """(V, n) → (V, k·n): each row repeated; `scale` folds in a change of the embedding multiplier (Gemma)."""
+    return (embedding.to(DTYPE) * scale).repeat(1, copies)
+
+
+def copy_norm(weight: torch.Tensor, bias: torch.Tensor | None, copies: int, kind: str, factor: float = 1.0):
+    """A norm over n → k·n by copies: gains repeated, × `factor` (a tied head reads k copies: 1/k there)."""
+    gain = (1.0 + weight.to(DTYPE) if kind == "rms_one_plus" else weight.to(DTYPE)) * factor
+    grown = gain.repeat(copies) - (1.0 if kind == "rms_one_plus" else 0.0)
+    return grown, None if bias is None else (bias.to(DTYPE) * factor).repeat(copies)
+
+
+def copy_lm_head(lm_head: torch.Tensor, copies: int, generator: torch.Generator, init_std: float | None = None):
+    """An untied output head is a reader of the final norm's k copies."""
+    return _reader_copies(lm_head, copies, generator, COPY_NOISE * _std(lm_head, init_std))
