@@ -189,8 +189,6 @@ class ArchSpec:
         return ["full_attention"] * n
 
 
-QK_NORM_EPS = ("its q/k norms share the one {eps} with every other norm, and hidden growth must scale that eps "
-               "by n/n′ (exact for the hidden-size norms, not for the q/k norms)")
 HEAD_DIM_QK_NORM = "its q/k norms normalise over head_dim, so new head dims would change every existing score"
 
 
@@ -219,7 +217,9 @@ FAMILIES: dict[str, ArchSpec] = {
              o_bias="attention_bias",
              tensors={**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,
                       "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
-             grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
+             grow_refuses=(Refusal(("hidden_size",), "its q/k norms share rms_norm_eps with every norm, so zero-fill "
+                                   "(eps × n/n′) cannot be exact, and whole copies of the residual stream would need "
+                                   "more heads (head_dim = hidden / heads)"),
                            Refusal(("num_attention_heads", "head_dim"),
                                    "its q norm normalises over all heads × head_dim together (and head_dim is "
                                    "hidden / heads), so new heads or head dims would change the existing scores"))),
