@@ -117,3 +117,25 @@ def test_uncovered_family_lists_the_covered_ones(command, words):
     with pytest.raises(NetmorphError, match="unsupported architecture 'bloom'") as error:
         spec_for("bloom", command)
     assert words in str(error.value)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=7, max_window_layers=1, num_hidden_layers=3)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=7, max_window_layers=1, num_hidden_layers=3)),
+    ("gemma2", dict(num_hidden_layers=3)), ("gemma3_text", {}),
+    ("mistral", dict(sliding_window=7)), ("mistral", dict(sliding_window=None)), ("phi3", dict(sliding_window=7)),
+    ("llama", {}), ("olmo2", {}),
+])
+def test_sliding_window_rule_matches_the_stock_layers(name, overrides):
+    """ArchSpec.layer_types (what convert writes into the differential config) agrees with the windows the stock
+    model's attention layers actually use."""
+    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides))
+    spec = FAMILIES[model.config.model_type]
+    window = getattr(model.config, "sliding_window", None)
+    actual = []
+    for layer in model.model.layers:
+        per_layer = getattr(layer.self_attn, "sliding_window", None) if spec.sliding == "layer_types" else window
+        actual.append("sliding_attention" if per_layer else "full_attention")
+    assert spec.layer_types(model.config) == actual
+    if name in ("qwen2", "gemma2"):
+        assert set(actual) == {"sliding_attention", "full_attention"}  # the case is not trivial

@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from netmorph.arch.families import RESIDUAL_NORMS
+from netmorph.arch.families import READERS, RESIDUAL_NORMS, WRITERS
 from netmorph.errors import NetmorphError
 
-READERS = ("q", "k", "v", "gate", "up")  # read the (normalised) residual stream: new input columns are free
-WRITERS = ("o", "down")  # write into the residual stream: new output rows must keep the invariant
+# READERS (q k v gate up) read the (normalised) residual stream: their new input columns are free. WRITERS (o down)
+# write into it: their new output rows must keep the invariant. Both follow from arch.families.ROLE_SPACES.
 DTYPE = torch.float64
 
 
