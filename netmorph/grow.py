@@ -50,6 +50,7 @@ class GrowthPlan:
     layer_sources: list[tuple[int, bool]]  # per output layer: (source layer, is it new)
     rotary_dims: int
     config_updates: dict = field(default_factory=dict)
+    q_scales: list[float] = field(default_factory=list)  # per output layer, where the score scale depends on it
 
     @property
     def attention_changes(self) -> bool:
@@ -223,13 +224,12 @@ def _check_refusals(spec: ArchSpec, config, source: Dims, options: GrowOptions) 
             )
 
 
-def _check_layer_index_scaling(spec: ArchSpec, config, source: Dims, order: list[tuple[int, bool]]) -> None:
-    """GPT-2 with scale_attn_by_inverse_layer_idx divides scores by (layer index + 1): old layers must keep theirs."""
-    if spec.layer_index_scaling_field and getattr(config, spec.layer_index_scaling_field, False):
-        if [i for i, (_, is_new) in enumerate(order) if not is_new] != list(range(source.layers)):
-            raise NetmorphError(f"this {spec.model_type} model scales attention by 1/(layer index + 1) "
-                                f"({spec.layer_index_scaling_field}), so inserted layers would shift the old ones: "
-                                "pass --new-layers-at append")
+def _layer_index_q_scales(spec: ArchSpec, config, order: list[tuple[int, bool]]) -> list[float]:
+    """GPT-2 with scale_attn_by_inverse_layer_idx divides layer j's scores by j + 1: a layer that moves from index i
+    to j gets q × (j+1)/(i+1), so its scores stay (new layers copy their source's scale the same way)."""
+    if not (spec.layer_index_scaling_field and getattr(config, spec.layer_index_scaling_field, False)):
+        return []
+    return [(out_idx + 1) / (source_idx + 1) for out_idx, (source_idx, _) in enumerate(order)]
 
 
 def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
@@ -247,7 +247,6 @@ def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
     rotary_dims, updates = _rope_updates(config, spec, source, target)
     positions = new_layer_positions(source.layers, target.layers - source.layers, options.new_layers_at)
     order = layer_order(source.layers, positions)
-    _check_layer_index_scaling(spec, config, source, order)
     if target.hidden != source.hidden and spec.hidden_growth == "copies":
         if target.hidden % source.hidden:
             raise NetmorphError(
@@ -266,7 +265,7 @@ def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         updates["layer_types"] = [layer_types[i] for i, _ in order]
-    return GrowthPlan(spec, source, target, order, rotary_dims, updates)
+    return GrowthPlan(spec, source, target, order, rotary_dims, updates, _layer_index_q_scales(spec, config, order))
 
 
 def target_config(source_config, plan: GrowthPlan):
@@ -371,8 +370,10 @@ def write_layer(layer: dict, extras: dict, spec: ArchSpec, layer_idx: int, dims:
         writer.add(prefix + suffix, tensor.clone())
 
 
-def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions, generator) -> dict:
-    """The recipes in a fixed order: depth, MLP, heads, head_dim, hidden (each sees the previous one's shapes)."""
+def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions, generator,
+               out_idx: int | None = None) -> dict:
+    """The recipes in a fixed order: depth, MLP, heads, head_dim, hidden (each sees the previous one's shapes),
+    then the layer-index score scale (GPT-2 scale_attn_by_inverse_layer_idx) of output layer `out_idx`."""
     s, t = plan.source, plan.target
     if is_new:
         layer = ops.new_layer(layer, options.layer_init, generator, options.init_std,
@@ -389,6 +390,8 @@ def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions
         layer = ops.copy_hidden_layer(layer, t.hidden // s.hidden, generator, options.init_std)
     elif t.hidden != s.hidden:
         layer = ops.grow_hidden_layer(layer, t.hidden, plan.spec.norm, generator, options.init_std)
+    if plan.q_scales and out_idx is not None:
+        layer = ops.scale_queries(layer, plan.q_scales[out_idx])
     return layer
 
 
@@ -477,7 +480,7 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer: Sha
         dtype = reader.get(layer_keys[source_idx][0]).dtype
         # One generator per output layer: its bytes do not depend on the other layers.
         generator = torch.Generator().manual_seed(base_seed + out_idx)
-        grown = grow_layer(layer, plan, is_new, options, generator)
+        grown = grow_layer(layer, plan, is_new, options, generator, out_idx)
         write_layer(grown, extras, spec, out_idx, plan.target, dtype, writer)
         log.debug("layer %d ← %s layer %d", out_idx, "new, from" if is_new else "source", source_idx)
 

@@ -148,18 +148,29 @@ def test_olmo2_new_kv_heads_must_be_copies(tmp_path):
                        "must be copies", "a multiple of 2 (e.g. 4)", output=out)
 
 
-def test_gpt2_layer_index_scaling_allows_appended_layers_only(tmp_path):
-    """GPT-2 with scale_attn_by_inverse_layer_idx divides layer i's scores by i + 1: inserting a layer would renumber
-    the old ones (refused); appending keeps them, and is exact."""
-    source = save_tiny(tmp_path / "src", "gpt2", scale_attn_by_inverse_layer_idx=True)
-    out = tmp_path / "out"
-    assert_clean_error(run_cli("grow", source, "-o", out, "--no-verify", "--num-layers", "3", "--new-layers-at", "0"),
-                       "1/(layer index + 1)", "--new-layers-at append", output=out)
-    grow_tiny(source, tmp_path / "appended", num_layers=4, hidden_size=40, num_attention_heads=5)
-    ids = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("options", [dict(num_layers=4, new_layers_at="0,0"),
+                                     dict(num_layers=3, new_layers_at="0", hidden_size=40, num_attention_heads=5)])
+def test_gpt2_layer_index_scaling_follows_moved_layers(tmp_path, options):
+    """GPT-2 with scale_attn_by_inverse_layer_idx divides layer j's scores by j + 1: inserted layers renumber the old
+    ones, whose q is rescaled by (j+1)/(i+1) — exact. Without the rescale the logits move (the check can fail)."""
+    from safetensors.torch import load_file, save_file
+
+    source = save_tiny(tmp_path / "src", "gpt2", scale_attn_by_inverse_layer_idx=True, **FP32_SCALE[True])
+    grow_tiny(source, tmp_path / "grown", **options)
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (load32(source)(ids).logits - load32(tmp_path / "appended")(ids).logits).abs().max().item()
-    assert diff <= 1e-5
+        reference = load32(source)(ids).logits
+        diff = (reference - load32(tmp_path / "grown")(ids).logits).abs().max().item()
+        assert diff <= 1e-5
+        weights = tmp_path / "grown" / "model.safetensors"
+        state = load_file(str(weights))
+        moved = f"transformer.h.{options['num_layers'] - 1}.attn.c_attn"  # old layer 1 now sits last
+        hidden = state[f"{moved}.weight"].shape[0]
+        factor = options["num_layers"] / 2  # (j+1)/(i+1) with i = 1
+        state[f"{moved}.weight"][:, :hidden] /= factor
+        state[f"{moved}.bias"][:hidden] /= factor
+        save_file(state, str(weights), metadata={"format": "pt"})
+        assert (reference - load32(tmp_path / "grown")(ids).logits).abs().max().item() > 1e-4  # ≫ the exact figure
 
 
 def test_new_post_norm_layers_zero_the_post_norm_gain_not_the_writer(sources, tmp_path):

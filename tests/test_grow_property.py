@@ -53,6 +53,8 @@ def growth(draw, family):
                   intermediate_size=draw(st.integers(8, 24)))
     if family not in KV_IS_HEADS + KV_IS_ONE + ("falcon_alibi",):
         source["num_key_value_heads"] = kv
+    if model_type == "gpt2":  # scores ÷ (layer index + 1): inserted layers move the old ones
+        source["scale_attn_by_inverse_layer_idx"] = draw(st.booleans())
     if family == "gemma3_text":  # its tiny config lists one type per layer
         source["layer_types"] = ["sliding_attention", "full_attention"][:source["num_hidden_layers"]]
     if family in FREE_HEAD_DIM:

@@ -120,7 +120,8 @@ class ArchSpec:
     config_fields: dict = field(default_factory=dict)
     free_head_dim: bool = True
     heads_divide_hidden: bool = False
-    layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set
+    layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set (grow
+    # rescales q of every layer that moves)
     hidden_growth: str = "fill"  # "fill" (zero/mean-fill, eps × n/n′) or "copies" (whole multiples, eps kept)
     attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
     grow_refuses: tuple[Refusal, ...] = ()

@@ -272,6 +272,17 @@ def grow_head_dim(
     return layer
 
 
+def scale_queries(layer: dict, factor: float) -> dict:
+    """q (weight and bias) × factor: every attention score of the layer × factor."""
+    if factor == 1.0:
+        return layer
+    layer = dict(layer)
+    for name in ("q.weight", "q.bias"):
+        if name in layer:
+            layer[name] = layer[name].to(DTYPE) * factor
+    return layer
+
+
 # ── hidden size ─────────────────────────────────────────────────────────────────────────────────────────────────
 
 
