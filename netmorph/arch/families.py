@@ -2,12 +2,13 @@
 
 A spec says where a family keeps each weight (tensor names per *role*), how fused projections are laid out, which
 norm / position scheme / biases / sliding windows it uses, and which config fields hold its sizes. The commands
-never test `model_type`; they read these fields. Every tensor name below was read from the state_dict of a tiny
-stock transformers 5.23 model of the family (tests/test_families.py keeps that true).
+never test `model_type`; they read these fields. Every tensor name below is one that a tiny stock transformers
+5.23 model of the family writes to its safetensors file (tests/test_families.py keeps that true; v5 renames some
+on save, e.g. GPT-NeoX's lm_head → embed_out).
 
-Roles (the canonical names the math in netmorph/ops works with) and the *space* each reads and writes — the
-vocabulary growth needs (mergekit's idea: a weight that writes the residual stream must keep its invariant, a
-weight that reads it may get free new input columns):
+ROLE_SPACES gives the roles (the canonical names the math in netmorph/ops works with) and the *space* each reads
+and writes — the vocabulary growth needs (mergekit's idea: a weight that writes the residual stream must keep its
+invariant, a weight that reads it may get free new input columns).
 """
 
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ ROLE_SPACES = {
 }
 READERS = tuple(r for r, (reads, writes) in ROLE_SPACES.items() if reads == "residual" and writes != "residual")
 WRITERS = tuple(r for r, (reads, writes) in ROLE_SPACES.items() if writes == "residual" and reads != "residual")
-RESIDUAL_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "ln_attn", "ln_mlp")
+RESIDUAL_NORMS = tuple(r for r, (reads, writes) in ROLE_SPACES.items() if reads == writes == "residual")
 
 QKV_LAYOUTS = {
     "separate": "three tensors q/k/v",
