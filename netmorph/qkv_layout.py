@@ -197,7 +197,7 @@ def plan_conversion(source: Source, reader: TensorReader, target_layout: str, al
     base = dict(source_spec=spec, target_spec=spec, heads=heads, num_layers=config.num_hidden_layers,
                 source_layout=source_layout, target_layout=target_layout,
                 source_qkv=qkv_names(spec, source_layout, heads), source_stock=getattr(config, MARKER, None) is None)
-    counterpart = stock_counterpart(spec, config, target_layout) if source_layout == spec.qkv_layout else None
+    counterpart = stock_counterpart(spec, config, target_layout)
     misfits = []
     if counterpart is not None:
         misfits = phi3_misfits(spec, config, reader) if counterpart == "phi3" else llama_misfits(config)

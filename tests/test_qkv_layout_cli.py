@@ -252,22 +252,68 @@ def test_streams_sharded_input_to_sharded_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kv_heads=st.integers(1, 3), per_group=st.integers(1, 3), head_dim=st.sampled_from([4, 8]),
-       bias=st.booleans(), chain=st.permutations(["sequential", "separate", "interleaved", "grouped"]))
-def test_falcon_random_head_configs_round_trip(tmp_path_factory, kv_heads, per_group, head_dim, bias, chain):
-    """Random Falcon (new decoder architecture) head counts, any order of target layouts (interleaved only when
-    the heads allow it), back to grouped: the source's bits and logits."""
-    tmp = tmp_path_factory.mktemp("falcon")
+def random_family_model(directory: Path, family: str, kv_heads: int, per_group: int, head_dim: int, bias: bool):
+    """A stock model of `family` with these head counts (GPT-NeoX and GPT-2 have one KV head per query head)."""
     heads = kv_heads * per_group
-    source = save_stock(tmp / "src", FalconForCausalLM, falcon_config(
-        new_decoder_architecture=True, num_attention_heads=heads, num_kv_heads=kv_heads, hidden_size=heads * head_dim,
-        bias=bias))
+    if family in ("gpt_neox", "gpt2"):
+        kv_heads, heads = heads, heads
+    hidden = heads * head_dim
+    if family == "falcon":
+        return save_stock(directory, FalconForCausalLM, falcon_config(
+            new_decoder_architecture=True, num_attention_heads=heads, num_kv_heads=kv_heads, hidden_size=hidden,
+            bias=bias))
+    if family == "gpt_neox":
+        return save_stock(directory, GPTNeoXForCausalLM, GPTNeoXConfig(
+            **SMALL, hidden_size=hidden, num_attention_heads=heads, intermediate_size=48, attention_bias=bias))
+    if family == "gpt2":
+        return save_stock(directory, GPT2LMHeadModel, GPT2Config(**SMALL, n_embd=hidden, n_head=heads, n_positions=640))
+    if family == "phi3":
+        return save_stock(directory, Phi3ForCausalLM, phi3_config(hidden_size=hidden, num_attention_heads=heads,
+                                                                  num_key_value_heads=kv_heads))
+    overrides = {"attention_bias": bias} if family == "llama" else {}
+    return save_char_tokenizer(save_tiny_model(directory, family, num_attention_heads=heads,
+                                               num_key_value_heads=kv_heads, head_dim=head_dim, **overrides))
+
+
+FAMILY_LAYOUT = {"falcon": "grouped", "gpt_neox": "interleaved", "gpt2": "sequential", "phi3": "sequential",
+                 "llama": "separate", "qwen2": "separate"}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(family=st.sampled_from(sorted(FAMILY_LAYOUT)), kv_heads=st.integers(1, 3), per_group=st.integers(1, 3),
+       head_dim=st.sampled_from([4, 8]), bias=st.booleans(),
+       chain=st.permutations(["sequential", "separate", "interleaved", "grouped"]))
+def test_random_family_and_head_config_round_trips(tmp_path_factory, family, kv_heads, per_group, head_dim, bias,
+                                                   chain):
+    """A random family, random head counts (MHA / GQA / MQA), any order of target layouts (interleaved only when
+    the heads allow it; Llama may pass through a stock Phi-3 and back), then the family's own layout: the source's
+    tensors bit for bit and the same logits."""
+    tmp = tmp_path_factory.mktemp(family)
+    source = random_family_model(tmp / "src", family, kv_heads, per_group, head_dim, bias)
+    config = load(source).config
+    heads_equal = family in ("gpt_neox", "gpt2") or per_group == 1
     current = source
-    for step, target in enumerate([t for t in chain if t != "interleaved" or per_group == 1] + ["grouped"]):
+    for step, target in enumerate([t for t in chain if t != "interleaved" or heads_equal] + [FAMILY_LAYOUT[family]]):
         nxt = tmp / f"{step}-{target}"
         qkv_layout(current, nxt, target, "--allow-non-stock", "--no-verify")
         current = nxt
     assert marker(current) is None
+    assert json.loads((current / "config.json").read_text())["model_type"] == config.model_type
     assert_same_tensors(source, current)
     assert compare(source, current) == 0.0
+
+
+def test_gguf_source_to_a_stock_phi3(tmp_path):
+    """A .gguf SOURCE (dequantized on load) → sequential: a stock Phi-3 checkpoint computing the GGUF model."""
+    from netmorph.sources import resolve_source
+    from tests.test_error_table import write_tiny_gguf
+
+    (tmp_path / "gguf").mkdir()
+    gguf = write_tiny_gguf(tmp_path / "gguf" / "tiny.gguf")
+    qkv_layout(gguf, tmp_path / "phi3", "sequential", "--no-verify")
+    original, converted = resolve_source(gguf).load_model("eager"), load(tmp_path / "phi3")
+    assert type(converted).__name__ == "Phi3ForCausalLM"
+    ids = random_ids(vocab_size=64)
+    with torch.no_grad():
+        a, b = original(ids, use_cache=False).logits, converted(ids, use_cache=False).logits
+    assert (a - b).abs().max().item() <= ULPS * torch.finfo(torch.float32).eps * a.abs().max().item()
