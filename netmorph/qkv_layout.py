@@ -171,6 +171,11 @@ def cross_family_config(source_type: str, target_type: str, config):
     return LlamaConfig(**shared, head_dim=head_dim, attention_bias=False, mlp_bias=False)
 
 
+def mlp_names(spec: ArchSpec) -> tuple[str, ...]:
+    """Phi-3's fused gate_up_proj, or Llama's gate_proj and up_proj."""
+    return tuple(spec.tensors[role] for role in (("gate_up",) if "gate_up" in spec.tensors else ("gate", "up")))
+
+
 def stock_counterpart(spec: ArchSpec, config, target_layout: str) -> str | None:
     """The other family whose stock class holds this model in `target_layout`: Llama/Mistral ↔ Phi-3."""
     if spec.model_type in ("llama", "mistral") and target_layout == "sequential":
@@ -203,9 +208,9 @@ def plan_conversion(source: Source, reader: TensorReader, target_layout: str, al
         misfits = phi3_misfits(spec, config, reader) if counterpart == "phi3" else llama_misfits(config)
         if not misfits:
             target_spec = FAMILIES[counterpart]
-            mlp_roles = lambda s: tuple(s.tensors[r] for r in (("gate_up",) if "gate_up" in s.tensors else ("gate", "up")))  # noqa: E731
-            plan = LayoutPlan(**{**base, "target_spec": target_spec}, target_qkv=qkv_names(target_spec, target_layout, heads),
-                              source_mlp=mlp_roles(spec), target_mlp=mlp_roles(target_spec),
+            plan = LayoutPlan(**{**base, "target_spec": target_spec},
+                              target_qkv=qkv_names(target_spec, target_layout, heads),
+                              source_mlp=mlp_names(spec), target_mlp=mlp_names(target_spec),
                               note=f"a stock {counterpart} checkpoint (the {spec.model_type} model in the "
                                    f"{target_layout} layout)")
             return plan, cross_family_config(spec.model_type, counterpart, config)

@@ -256,7 +256,7 @@ def random_family_model(directory: Path, family: str, kv_heads: int, per_group: 
     """A stock model of `family` with these head counts (GPT-NeoX and GPT-2 have one KV head per query head)."""
     heads = kv_heads * per_group
     if family in ("gpt_neox", "gpt2"):
-        kv_heads, heads = heads, heads
+        kv_heads = heads
     hidden = heads * head_dim
     if family == "falcon":
         return save_stock(directory, FalconForCausalLM, falcon_config(

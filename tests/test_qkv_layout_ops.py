@@ -36,7 +36,7 @@ def coded_qkv(heads: Heads, head_dim: int, bias: bool = False):
 
 def expected_codes(layout: str, heads: Heads, head_dim: int) -> list[int]:
     """The row order of a fused layout, head by head, as the modeling code reads it."""
-    block = lambda kind, head: [code(kind, head, d) for d in range(head_dim)]  # noqa: E731
+    block = lambda kind, head: [code(kind, head, d) for d in range(head_dim)]
     if layout == "sequential":
         return (coded_rows(Q, heads.num_heads, head_dim) + coded_rows(K, heads.num_kv_heads, head_dim)
                 + coded_rows(V, heads.num_kv_heads, head_dim))
@@ -144,7 +144,7 @@ def test_every_conversion_round_trips_bit_exactly(config, source, target, bias, 
             relayout(relayout(coded_qkv(heads, head_dim, bias), "separate", source, heads), source, target, heads)
         return
     generator = torch.Generator().manual_seed(seed)
-    shape = lambda rows: (rows,) if bias else (rows, in_features)  # noqa: E731
+    shape = lambda rows: (rows,) if bias else (rows, in_features)
     qkv = tuple(torch.randn(shape(n * head_dim), generator=generator)
                 for n in (heads.num_heads, heads.num_kv_heads, heads.num_kv_heads))
     start = relayout(qkv, "separate", source, heads)

@@ -158,7 +158,8 @@ def relayout(parts: tuple[torch.Tensor, ...], source: str, target: str, heads: H
 
 
 def _check_separate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads) -> None:
-    if q.shape[0] % heads.num_heads or k.shape != v.shape or k.shape[0] * heads.num_heads != q.shape[0] * heads.num_kv_heads:
+    rows_per_head = q.shape[0] // heads.num_heads
+    if q.shape[0] % heads.num_heads or k.shape != v.shape or k.shape[0] != heads.num_kv_heads * rows_per_head:
         raise NetmorphError(
             f"q/k/v with {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows do not hold {heads.num_heads} query and "
             f"{heads.num_kv_heads} key/value heads of one size: the weights and config.json do not belong together"
