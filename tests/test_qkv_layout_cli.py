@@ -317,3 +317,13 @@ def test_gguf_source_to_a_stock_phi3(tmp_path):
     with torch.no_grad():
         a, b = original(ids, use_cache=False).logits, converted(ids, use_cache=False).logits
     assert (a - b).abs().max().item() <= ULPS * torch.finfo(torch.float32).eps * a.abs().max().item()
+
+
+def test_falcon_multi_query_is_already_sequential(tmp_path):
+    """Falcon-7B's multi_query layout, view(…, H + 2, D) in `_split_heads`, is sequential = grouped with one KV
+    head: --to sequential writes the stock checkpoint with the same bytes and no marker."""
+    source = STOCK_SOURCES["falcon_mqa"](tmp_path / "src")
+    output = qkv_layout(source, tmp_path / "sequential", "sequential")
+    assert "the stock falcon layout" in output
+    assert marker(tmp_path / "sequential") is None
+    assert_same_tensors(source, tmp_path / "sequential")
