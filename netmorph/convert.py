@@ -319,7 +319,7 @@ def convert_diff_transformer(
             raise NetmorphError("no output directory: pass --output-dir DIR")
         output_dir = yaml_out
     output_dir = Path(output_dir).expanduser()
-    spec = spec_for(source.config.model_type)
+    spec = spec_for(source.config.model_type, "convert-diff-transformer")
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
     dtype = reader.describe(next(iter(reader.keys()))).dtype  # from the header: no tensor is read for it
