@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from netmorph.arch.families import FAMILIES, ArchSpec
+from netmorph.arch import FAMILIES, ArchSpec, spec_for
 from netmorph.convert import pass_through
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader
 from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.ops.grow import split_gate_up
 from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
 from netmorph.options import QkvLayoutOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
@@ -190,12 +191,7 @@ def stock_counterpart(spec: ArchSpec, config, target_layout: str) -> str | None:
 def plan_conversion(source: Source, reader: TensorReader, target_layout: str, allow_non_stock: bool):
     """(LayoutPlan, target config) for converting `source` to `target_layout`, or a one-line refusal."""
     config = source.config
-    spec = FAMILIES.get(config.model_type)
-    if spec is None:
-        raise NetmorphError(
-            f"unsupported architecture {config.model_type!r}: qkv-layout supports {', '.join(sorted(FAMILIES))}; "
-            "convert a model of one of these families"
-        )
+    spec = spec_for(config.model_type, "qkv-layout")
     heads = heads_of(spec, config)
     check_expressible(target_layout, heads)
     source_layout = current_layout(spec, config)
@@ -261,8 +257,7 @@ def convert_layer(reader: TensorReader, plan: LayoutPlan, layer_idx: int) -> dic
         out.update({f"{target_prefix}{name}.{kind}": tensor for name, tensor in zip(plan.target_qkv, converted)})
     if plan.source_mlp:
         parts = [reader.get(f"{source_prefix}{name}.weight") for name in plan.source_mlp]
-        # Phi-3's gate_up_proj output is chunked in two: gate first, then up.
-        merged = parts[0].chunk(2, dim=0) if len(parts) == 1 else (torch.cat(parts, dim=0),)
+        merged = split_gate_up(parts[0]) if len(parts) == 1 else (torch.cat(parts, dim=0),)  # [gate; up]
         out.update({f"{target_prefix}{name}.weight": tensor.contiguous()
                     for name, tensor in zip(plan.target_mlp, merged)})
     return out

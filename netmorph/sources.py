@@ -218,7 +218,7 @@ def resolve_source(
     resolved = _resolve_source(source, allow_pickle, trust_remote_code)
     layout = getattr(resolved.config, "netmorph_qkv_layout", None)
     if layout and not any_qkv_layout:
-        from netmorph.arch.families import FAMILIES
+        from netmorph.arch import FAMILIES
 
         family = FAMILIES.get(resolved.config.model_type)
         stock = family.qkv_layout if family else "its stock layout"
