@@ -49,6 +49,14 @@ class CheckpointOptions(BaseModel):
         parse_size(value)
         return value
 
+    @classmethod
+    def build(cls, **values):
+        """The options from CLI values (None: not given, the default holds); a bad value → one-line NetmorphError."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise _one_line(e, "invalid option") from None
+
 
 class ConvertOptions(CheckpointOptions):
     """Options of `netmorph convert-diff-transformer`."""
@@ -80,13 +88,6 @@ class ConvertOptions(CheckpointOptions):
     def exact(self) -> bool:
         return not (self.split_heads or self.sublayer_norm)
 
-    @classmethod
-    def build(cls, **values) -> "ConvertOptions":
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            raise _one_line(e, "invalid option") from None
-
 
 QKV_LAYOUT_TARGETS = ("separate", "sequential", "interleaved", "grouped")
 
@@ -104,13 +105,6 @@ class QkvLayoutOptions(CheckpointOptions):
         if self.to is None:
             raise ValueError(f"no target layout: pass --to with one of {', '.join(QKV_LAYOUT_TARGETS)}")
         return self
-
-    @classmethod
-    def build(cls, **values) -> "QkvLayoutOptions":
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            raise _one_line(e, "invalid option") from None
 
 
 class DiffAttnArgs(BaseModel):
