@@ -24,8 +24,12 @@ from transformers import (
     Phi3ForCausalLM,
 )
 
+from netmorph.arch import FAMILIES
 from netmorph.cli import main
+from netmorph.ops.qkv_layout import Heads, same_bytes
 from netmorph.qkv_layout import MARKER
+from tests.grow_helpers import TINY as GROW_TINY
+from tests.grow_helpers import save_tiny
 from tests.helpers import random_ids, save_char_tokenizer, save_tiny_model
 
 # fp32: one fused matmul and three separate ones may round differently (BLAS blocking), by an ulp or so of the
@@ -327,3 +331,24 @@ def test_falcon_multi_query_is_already_sequential(tmp_path):
     assert "the stock falcon layout" in output
     assert marker(tmp_path / "sequential") is None
     assert_same_tensors(source, tmp_path / "sequential")
+
+
+@pytest.mark.parametrize("family", sorted(GROW_TINY))
+def test_every_family_round_trips_through_the_other_layouts(tmp_path, family):
+    """Every family of the spec table (its tiny grow model: biases, qk norms, post-norms, sliding windows, partial
+    rotary, Falcon variants), through every other layout its heads allow, back to its own: same bits, same logits."""
+    source = save_tiny(tmp_path / "src", family)
+    config = load(source).config
+    spec = FAMILIES[config.model_type]
+    heads = Heads(config.num_attention_heads, spec.num_kv_heads(config))
+    others = [t for t in ("sequential", "grouped", "separate", "interleaved")
+              if not same_bytes(t, spec.qkv_layout, heads) and t != spec.qkv_layout
+              and (t != "interleaved" or heads.num_kv_heads == heads.num_heads)]
+    current = source
+    for step, target in enumerate([*others, spec.qkv_layout]):
+        current, previous = tmp_path / f"{step}-{target}", current
+        qkv_layout(previous, current, target, "--allow-non-stock", "--no-verify")
+    assert marker(current) is None and others  # Falcon multi_query: only separate differs from its layout
+    assert json.loads((current / "config.json").read_text())["model_type"] == config.model_type
+    assert_same_tensors(source, current)
+    assert compare(source, current) == 0.0
