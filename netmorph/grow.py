@@ -206,9 +206,11 @@ def _rope_updates(config, spec: ArchSpec, source: Dims, target: Dims) -> tuple[i
     return rotary_dims, {"rope_parameters": rope}
 
 
-def _check_refusals(spec: ArchSpec, config, source: Dims, target: Dims) -> None:
-    """The family's own limits (ArchSpec.grow_refuses): a one-line reason and the dims that do grow exactly."""
-    changed = {dim for dim, s, t in zip(GROW_DIMS, asdict(source).values(), asdict(target).values()) if s != t}
+def _check_refusals(spec: ArchSpec, config, source: Dims, options: GrowOptions) -> None:
+    """The family's own limits (ArchSpec.grow_refuses), checked on the flags as given (before sizes that depend on
+    them are derived): a one-line reason and the dims that do grow exactly."""
+    changed = {dim for dim, current in zip(GROW_DIMS, asdict(source).values())
+               if getattr(options, dim) not in (None, current)}
     refusals = spec.refusals(config)
     refused = {dim for r in refusals for dim in r.dims}
     for refusal in refusals:
@@ -233,8 +235,14 @@ def _check_layer_index_scaling(spec: ArchSpec, config, source: Dims, order: list
 def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
     source = source_dims(config, spec)
     _check_not_shrinking(source, options)
+    _check_refusals(spec, config, source, options)
     target = _target_dims(source, spec, config, options)
-    _check_refusals(spec, config, source, target)
+    if spec.qk_norm == "full_width" and target.kv_heads % source.kv_heads:
+        raise NetmorphError(
+            f"{spec.model_type}'s k norm normalises over all KV heads × head_dim together: new KV heads must be "
+            f"copies of the old ones to keep it exact, so pass {_flag('num_key_value_heads')} a multiple of "
+            f"{source.kv_heads} (e.g. {2 * source.kv_heads})"
+        )
     ops.head_placement(source.heads, source.kv_heads, target.heads, target.kv_heads)  # raises if impossible
     rotary_dims, updates = _rope_updates(config, spec, source, target)
     positions = new_layer_positions(source.layers, target.layers - source.layers, options.new_layers_at)
@@ -366,7 +374,7 @@ def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions
         layer = ops.grow_mlp(layer, t.intermediate, generator, options.init_std)
     if (t.heads, t.kv_heads) != (s.heads, s.kv_heads):
         layer = ops.regroup_heads(layer, s.heads, s.kv_heads, s.head_dim, t.heads, t.kv_heads, generator,
-                                  options.init_std)
+                                  options.init_std, full_width_k_norm=plan.spec.qk_norm == "full_width")
     if t.head_dim != s.head_dim:
         layer = ops.grow_head_dim(layer, t.heads, t.kv_heads, s.head_dim, t.head_dim, plan.rotary_dims, generator,
                                   options.init_std, plan.spec.attention_scale == "head_dim")
@@ -380,7 +388,8 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     """Embedding, final norm, output head; any other non-layer tensor passes through when the hidden size stays."""
     spec, s, t = plan.spec, plan.source, plan.target
     embed_scale = math.sqrt(s.hidden / t.hidden) if spec.embed_scale else 1.0  # Gemma multiplies by √hidden
-    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"}
+    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"} | (
+        {spec.position_embed} if spec.position_embed else set())
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
@@ -392,6 +401,9 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
                 writer.add(name, reader.get(name))
     else:
         writer.add(spec.embed, ops.grow_embedding(embedding, t.hidden, spec.norm, embed_scale).to(dtype))
+        if spec.position_embed in reader:  # GPT-2's learned positions write the residual stream like the tokens
+            writer.add(spec.position_embed, ops.grow_embedding(reader.get(spec.position_embed), t.hidden,
+                                                               spec.norm).to(dtype))
         # A tied head shares the embedding's scale change; the final norm undoes it.
         norm_factor = 1.0 / embed_scale if tied else 1.0
         bias_name = f"{spec.final_norm}.bias"
@@ -474,7 +486,7 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify_growth(source: Source, directory: Path, options: GrowOptions) -> VerifyReport:
+def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa") -> VerifyReport:
     """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
 
     Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
@@ -483,8 +495,8 @@ def verify_growth(source: Source, directory: Path, options: GrowOptions) -> Veri
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, options.verify_dtype)
-    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa").eval()
-    original = source.load_model("sdpa")
+    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
+    original = source.load_model(backend)
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     try:
         original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
@@ -519,7 +531,7 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         source.save_generation_config(tmp)
         reports = []
         if options.verify or options.debug:
-            report = verify_growth(source, tmp, options)
+            report = verify_growth(source, tmp, options, spec.attention_backend)
             reports.append(report)
             if not report.passed:
                 raise NetmorphError(

@@ -57,9 +57,10 @@ def tiny_config(family: str, **overrides):
     return AutoConfig.for_model(MODEL_TYPE.get(family, family), **{**COMMON, **TINY[family], **overrides})
 
 
-def save_tiny(directory: Path, family: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
-    """A tiny random model with non-trivial norms and biases, and embeddings off-centre (so LayerNorm means
-    matter: zero-fill instead of mean-fill would show)."""
+def save_tiny(directory: Path, family: str, seed: int = 0, dtype=torch.float32, embed_shift: float = 0.5,
+              **overrides) -> Path:
+    """A tiny random model with non-trivial norms and biases, and embeddings off-centre by `embed_shift` (so
+    LayerNorm means matter: zero-fill instead of mean-fill would show)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     with torch.no_grad():
@@ -69,7 +70,7 @@ def save_tiny(directory: Path, family: str, seed: int = 0, dtype=torch.float32, 
             elif name.endswith("bias"):
                 param.copy_(0.3 * torch.randn_like(param))
             elif "embed" in name:
-                param.add_(0.5)
+                param.add_(embed_shift)
     model.to(dtype).save_pretrained(directory)
     return directory
 

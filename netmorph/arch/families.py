@@ -121,6 +121,7 @@ class ArchSpec:
     free_head_dim: bool = True
     heads_divide_hidden: bool = False
     layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set
+    attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
     grow_refuses: tuple[Refusal, ...] = ()
 
     # ── names ──
@@ -208,19 +209,21 @@ FAMILIES: dict[str, ArchSpec] = {
              grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
                            Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
         _rms("gemma", norm="rms_one_plus", embed_scale=True, tied=True),
-        _rms("gemma2", norm="rms_one_plus", tensors=GEMMA2_LAYER, embed_scale=True, tied=True,
+        _rms("gemma2", norm="rms_one_plus", tensors=GEMMA2_LAYER, embed_scale=True, tied=True, heads_divide_hidden=True,
+             attention_backend="eager",
              attention_scale="query_pre_attn_scalar", sliding="layer_types"),
         _rms("gemma3_text", norm="rms_one_plus", tensors={**GEMMA2_LAYER, **QK_NORMS}, qk_norm="per_head",
              embed_scale=True, tied=True, attention_scale="query_pre_attn_scalar", sliding="layer_types",
-             grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
+             heads_divide_hidden=True, grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
                            Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
         _rms("olmo2", qk_norm="full_width", sliding="layer_types", free_head_dim=False, qkv_bias="attention_bias",
              o_bias="attention_bias",
              tensors={**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,
                       "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
              grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
-                           Refusal(("head_dim",), "its q/k norms normalise over heads × head_dim, so new head dims "
-                                   "would change every existing score"))),
+                           Refusal(("num_attention_heads", "head_dim"),
+                                   "its q norm normalises over all heads × head_dim together (and head_dim is "
+                                   "hidden / heads), so new heads or head dims would change the existing scores"))),
         _rms("phi3", free_head_dim=False, qkv_layout="sequential", rope="partial",
              tensors={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
                       "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}),

@@ -156,12 +156,15 @@ def head_placement(heads: int, kv_heads: int, new_heads: int, new_kv_heads: int)
 
 def regroup_heads(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_heads: int, new_kv_heads: int,
-    generator: torch.Generator, init_std: float | None = None,
+    generator: torch.Generator, init_std: float | None = None, full_width_k_norm: bool = False,
 ) -> dict:
     """Heads H → H′ and KV heads K → K′ at a fixed head_dim (see `head_placement`).
 
     New query heads: random q rows, zero o_proj columns. New KV heads: copies (exact: the copies serve different
     query heads and drift apart in training) or random rows where no old head needs them.
+    A k norm over all KV heads together (OLMo2, `full_width_k_norm`) follows its heads; with every new KV head a
+    copy, each old head appears equally often, so its mean square — and the norm — is unchanged (the caller
+    refuses other KV counts). Per-head q/k norms (one weight over head_dim) need nothing.
     """
     if (heads, kv_heads) == (new_heads, new_kv_heads):
         return dict(layer)
@@ -186,6 +189,13 @@ def regroup_heads(
         if f"{role}.bias" in layer:
             b = layer[f"{role}.bias"].reshape(kv_heads, d)
             layer[f"{role}.bias"] = torch.stack([b[j] if j is not None else _zeros(d) for j in kv_sources]).reshape(-1)
+
+    if full_width_k_norm and "k_norm.weight" in layer:
+        if None in kv_sources:
+            raise NetmorphError(f"{new_kv_heads} KV heads are not all copies of the {kv_heads} old ones: a full-width "
+                                f"k norm needs a multiple of {kv_heads}")
+        norm = layer["k_norm.weight"].reshape(kv_heads, d)
+        layer["k_norm.weight"] = torch.stack([norm[j] for j in kv_sources]).reshape(-1)
 
     o = layer["o.weight"].reshape(-1, heads, d)
     new_o = _zeros(o.shape[0], new_heads, d)
