@@ -305,12 +305,12 @@ def fits_in_memory(reader: TensorReader) -> bool:
     return 2 * 4 * elements <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
 
 
-def verify_logits(source: Source, directory: Path, options: QkvLayoutOptions) -> VerifyReport:
+def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions) -> VerifyReport:
     from transformers import AutoModelForCausalLM
 
     converted = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                     attn_implementation="sdpa").eval()
-    original = source.load_model("sdpa")
+                                                     attn_implementation=plan.target_spec.attention_backend).eval()
+    original = source.load_model(plan.source_spec.attention_backend)
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     return compare_models(original, converted, source.load_tokenizer(), default_texts(), prompts,
                           tolerance=options.tolerance)
@@ -369,7 +369,7 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
             result.round_trip_tensors = check_round_trip(reader, tmp, plan)
             log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
             if plan.stock and plan.source_stock and fits_in_memory(reader):
-                report = verify_logits(source, tmp, options)
+                report = verify_logits(source, tmp, plan, options)
                 result.reports.append(report)
                 if not report.passed:  # NaN fails too
                     raise NetmorphError(
