@@ -352,3 +352,17 @@ def test_every_family_round_trips_through_the_other_layouts(tmp_path, family):
     assert json.loads((current / "config.json").read_text())["model_type"] == config.model_type
     assert_same_tensors(source, current)
     assert compare(source, current) == 0.0
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path):
+    """A damaged tensor found mid-stream (NaN in layer 1's k_proj, after layer 0 was written): one-line error, no
+    output dir and no temp dir left beside it."""
+    from safetensors.torch import save_file
+
+    source = save_tiny_model(tmp_path / "src", "llama")
+    state = load_file(source / "model.safetensors")
+    state["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    line = refusal("qkv-layout", source, "--to", "grouped", "--allow-non-stock", "-o", tmp_path / "out" / "model")
+    assert "model.layers.1.self_attn.k_proj.weight holds 1 NaN" in line
+    assert not (tmp_path / "out").exists()
