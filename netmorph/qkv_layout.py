@@ -159,7 +159,8 @@ def _shared_config_fields(config) -> dict:
             "dtype": getattr(config, "dtype", None)}
 
 
-def cross_family_config(source_type: str, target_type: str, config):
+def cross_family_config(target_type: str, config):
+    """The config of the stock counterpart class (Phi-3 ↔ Llama / Mistral) for the same model."""
     from transformers import LlamaConfig, MistralConfig, Phi3Config
 
     shared = _shared_config_fields(config)
@@ -209,7 +210,7 @@ def plan_conversion(source: Source, reader: TensorReader, target_layout: str, al
                               source_mlp=mlp_names(spec), target_mlp=mlp_names(target_spec),
                               note=f"a stock {counterpart} checkpoint (the {spec.model_type} model in the "
                                    f"{target_layout} layout)")
-            return plan, cross_family_config(spec.model_type, counterpart, config)
+            return plan, cross_family_config(counterpart, config)
     stock = is_stock_layout(spec, target_layout, heads)
     plan = LayoutPlan(**base, target_qkv=qkv_names(spec, target_layout, heads), stock=stock,
                       note=f"the stock {spec.model_type} layout" if stock else
