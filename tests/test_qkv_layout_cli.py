@@ -366,3 +366,12 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path):
     line = refusal("qkv-layout", source, "--to", "grouped", "--allow-non-stock", "-o", tmp_path / "out" / "model")
     assert "model.layers.1.self_attn.k_proj.weight holds 1 NaN" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_family_outside_the_table_is_refused_with_the_covered_ones(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    source = save_stock(tmp_path / "bloom", BloomForCausalLM, BloomConfig(**SMALL, hidden_size=16, n_head=2))
+    line = refusal("qkv-layout", source, "--to", "sequential", "-o", tmp_path / "out")
+    assert line.startswith("error: unsupported architecture 'bloom': qkv-layout supports falcon, gemma, gemma2, ")
+    assert line.endswith("; convert a model of one of these families") and not (tmp_path / "out").exists()
