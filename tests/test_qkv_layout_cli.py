@@ -375,3 +375,37 @@ def test_a_family_outside_the_table_is_refused_with_the_covered_ones(tmp_path):
     line = refusal("qkv-layout", source, "--to", "sequential", "-o", tmp_path / "out")
     assert line.startswith("error: unsupported architecture 'bloom': qkv-layout supports falcon, gemma, gemma2, ")
     assert line.endswith("; convert a model of one of these families") and not (tmp_path / "out").exists()
+
+
+def test_large_configurations_planned_on_meta_device():
+    """Real large shapes, planned on meta tensors with no memory allocated: Llama-3-70B --to sequential is exactly
+    the state dict of a stock Phi-3 of that size; Falcon-40B (grouped, 128 heads in 8 groups) --to sequential
+    keeps every shape and names its fused tensor for the layout."""
+    import psutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from netmorph.io.reader import MetaReader, StateDictReader
+    from netmorph.io.streaming import plan_output
+    from netmorph.qkv_layout import convert_tensors, plan_conversion
+    from netmorph.sources import Source
+
+    rss_before = psutil.Process().memory_info().rss
+    llama = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    falcon = FalconConfig(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
+                          new_decoder_architecture=True, vocab_size=65024, alibi=False, bias=False)
+    for config, model_class in ((llama, LlamaForCausalLM), (falcon, FalconForCausalLM)):
+        with torch.device("meta"):
+            state = model_class(config).to(torch.bfloat16).state_dict()
+        reader = StateDictReader(dict(state))
+        plan, target_config = plan_conversion(Source(Path("meta"), "hf", config), reader, "sequential", True)
+        specs = plan_output(lambda recorder: convert_tensors(MetaReader(reader), plan, recorder))  # noqa: B023
+        if config is llama:
+            with torch.device("meta"):
+                expected = Phi3ForCausalLM(target_config).to(torch.bfloat16).state_dict()
+            assert {s.name: (s.shape, s.dtype) for s in specs} == {k: (tuple(v.shape), v.dtype)
+                                                                   for k, v in expected.items()}
+        else:
+            renamed = {k.replace("query_key_value", "qkv_sequential"): tuple(v.shape) for k, v in state.items()}
+            assert {s.name: s.shape for s in specs} == renamed and not plan.stock
+    assert psutil.Process().memory_info().rss - rss_before < 200 * 2**20, "memory was allocated"
