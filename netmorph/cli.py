@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from netmorph.errors import NetmorphError
-from netmorph.options import ConvertOptions, GrowOptions, click_options
+from netmorph.options import ConvertOptions, GrowOptions, QkvLayoutOptions, click_options
 
 
 class _Group(click.Group):
@@ -226,6 +226,35 @@ def grow_command(source, output_dir, **values):
 
     result = grow(source, output_dir, options)
     click.echo(f"wrote {result.output_dir} ({describe(result.plan)})")
+    for report in result.reports:
+        click.echo(report.table())
+
+
+@main.command("qkv-layout")
+@click.argument("source", required=False)
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Where to write the converted checkpoint.")
+@click_options(QkvLayoutOptions)
+def qkv_layout_command(source, output_dir, **values):
+    """Store SOURCE's q/k/v projections (weights and biases) in another layout, bit-exactly, and write a checkpoint.
+
+    SOURCE is a local Hugging Face model directory, a .gguf file, or an axolotl-style YAML config; without SOURCE
+    the bundled SmolLM2-135M-Instruct is used. A layout change is a row permutation: nothing is rounded.
+
+    \b
+    Layouts: separate   q_proj / k_proj / v_proj (Llama, Mistral, Qwen2/3, Gemma, StableLM, OLMo2)
+             sequential [Q|K|V] (Phi-3 qkv_proj; GPT-2 c_attn, stored transposed)
+             interleaved per head [q,k,v] (GPT-NeoX; only when KV heads = query heads)
+             grouped    per KV group [q..q,k,v] (Falcon; multi_query is one group)
+    Llama/Mistral --to sequential writes a stock Phi-3 checkpoint and Phi-3 --to separate a stock Llama (or
+    Mistral) one when the configs agree. A layout no stock class reads (GPT-NeoX --to sequential, ...) needs
+    --allow-non-stock; converting it back to the family's layout gives the original bits.
+    """
+    options = QkvLayoutOptions.build(**values)
+    _setup_logging(options.debug)
+    from netmorph.qkv_layout import convert_qkv_layout
+
+    result = convert_qkv_layout(source, output_dir, options)
+    click.echo(f"wrote {result.output_dir} ({result.plan.note})")
     for report in result.reports:
         click.echo(report.table())
 

@@ -49,6 +49,14 @@ class CheckpointOptions(BaseModel):
         parse_size(value)
         return value
 
+    @classmethod
+    def build(cls, **values):
+        """The options from CLI values (None: not given, the default holds); a bad value → one-line NetmorphError."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise _one_line(e, "invalid option") from None
+
 
 class ConvertOptions(CheckpointOptions):
     """Options of `netmorph convert-diff-transformer`."""
@@ -80,12 +88,23 @@ class ConvertOptions(CheckpointOptions):
     def exact(self) -> bool:
         return not (self.split_heads or self.sublayer_norm)
 
-    @classmethod
-    def build(cls, **values) -> "ConvertOptions":
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            raise _one_line(e, "invalid option") from None
+
+QKV_LAYOUT_TARGETS = ("separate", "sequential", "interleaved", "grouped")
+
+
+class QkvLayoutOptions(CheckpointOptions):
+    """Options of `netmorph qkv-layout`."""
+
+    to: Literal["separate", "sequential", "interleaved", "grouped"] | None = Field(None, description="Target layout of the q/k/v projections (required): separate (Llama q/k/v_proj), sequential ([Q|K|V]: Phi-3, GPT-2), interleaved (per head [q,k,v]: GPT-NeoX; needs as many KV heads as query heads), grouped (per KV group: Falcon).")
+    allow_non_stock: bool = Field(False, description="Also write a layout no stock transformers class reads (e.g. GPT-NeoX --to sequential); config.json records netmorph_qkv_layout.")
+    tolerance: float = Field(1e-5, gt=0, description="Max |Δlogit| (fp32) the logit verification accepts when a stock class reads the output.")
+    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
+
+    @model_validator(mode="after")
+    def _has_target(self):
+        if self.to is None:
+            raise ValueError(f"no target layout: pass --to with one of {', '.join(QKV_LAYOUT_TARGETS)}")
+        return self
 
 
 class DiffAttnArgs(BaseModel):

@@ -210,8 +210,27 @@ def read_yaml(path: Path) -> dict:
 
 
 def resolve_source(
-    source: str | Path | None, allow_pickle: bool = False, trust_remote_code: bool = False
+    source: str | Path | None, allow_pickle: bool = False, trust_remote_code: bool = False,
+    any_qkv_layout: bool = False,
 ) -> Source:
+    """SOURCE → Source. A checkpoint whose q/k/v `netmorph qkv-layout` stored in a layout no stock class reads is
+    refused (naming the command that converts it back) unless `any_qkv_layout` (qkv-layout itself reads any)."""
+    resolved = _resolve_source(source, allow_pickle, trust_remote_code)
+    layout = getattr(resolved.config, "netmorph_qkv_layout", None)
+    if layout and not any_qkv_layout:
+        from netmorph.arch import FAMILIES
+
+        family = FAMILIES.get(resolved.config.model_type)
+        stock = family.qkv_layout if family else "its stock layout"
+        raise NetmorphError(
+            f"{resolved.path} holds its q/k/v weights in the {layout} layout (netmorph_qkv_layout in config.json), "
+            f"which no stock {resolved.config.model_type} class reads: convert it back first with "
+            f"`netmorph qkv-layout {resolved.path} --to {stock} -o DIR`"
+        )
+    return resolved
+
+
+def _resolve_source(source: str | Path | None, allow_pickle: bool, trust_remote_code: bool) -> Source:
     if source is None:
         path = bundled_model_file()
         return Source(path, "gguf", _load_config(path, "gguf", trust_remote_code))
@@ -231,7 +250,7 @@ def resolve_source(
                 f"base_model {settings.base_model!r} in {path} is not a local path; netmorph works offline: "
                 "download the model first and point base_model at its directory"
             )
-        resolved = resolve_source(base, allow_pickle, trust_remote_code)
+        resolved = _resolve_source(base, allow_pickle, trust_remote_code)
         resolved.yaml_config = data
         return resolved
     if path.is_file() and path.suffix == ".gguf":

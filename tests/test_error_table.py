@@ -487,6 +487,46 @@ def verify_pickle_with_code(case):
     return ["verify", case.src, case.out, "--allow-pickle"]
 
 
+@row("`qkv-layout` without `--to`",
+     "no target layout: pass --to with one of separate, sequential, interleaved, grouped")
+def qkv_no_target(case):
+    return ["qkv-layout", case.src, "-o", case.out]
+
+
+@row("`qkv-layout --to interleaved` on 9 query / 3 KV heads",
+     "the interleaved layout needs as many key/value heads as query heads, but this model has 9 query and 3 "
+     "key/value heads (GQA): use --to grouped, which stores the same per-group order for shared key/value heads")
+def qkv_interleaved_gqa(case):
+    return ["qkv-layout", case.src, "-o", case.out, "--to", "interleaved"]
+
+
+@row("`qkv-layout --to grouped` on Llama without `--allow-non-stock`",
+     "no stock transformers class reads a llama model in the grouped layout: pass --allow-non-stock to write it "
+     "anyway (config.json records netmorph_qkv_layout; `--to separate` converts it back)")
+def qkv_non_stock(case):
+    return ["qkv-layout", case.src, "-o", case.out, "--to", "grouped"]
+
+
+@row("`qkv-layout --to sequential` on a Llama that Phi-3 cannot hold (biases, head_dim ≠ hidden / heads)",
+     "no stock transformers class reads a llama model in the sequential layout (the stock phi3 class cannot hold it: "
+     "head_dim 8 × 9 heads ≠ hidden_size 36; it has biases): pass --allow-non-stock to write it anyway (config.json "
+     "records netmorph_qkv_layout; `--to separate` converts it back)")
+def qkv_not_phi3(case):
+    return ["qkv-layout", case.src, "-o", case.out, "--to", "sequential"]
+
+
+@row("`verify` on a checkpoint `qkv-layout` wrote in a layout no stock class reads",
+     "OUT holds its q/k/v weights in the grouped layout (netmorph_qkv_layout in config.json), which no stock llama "
+     "class reads: convert it back first with `netmorph qkv-layout OUT --to separate -o DIR`")
+def verify_non_stock_layout(case):
+    from netmorph.options import QkvLayoutOptions
+    from netmorph.qkv_layout import convert_qkv_layout
+
+    convert_qkv_layout(str(case.src), case.out, QkvLayoutOptions.build(to="grouped", allow_non_stock=True,
+                                                                       verify=False))
+    return ["verify", case.src, case.out]
+
+
 # --- running a row ---------------------------------------------------------------------------------------------
 
 def expected_pattern(message: str, case: Case) -> str:

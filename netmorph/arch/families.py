@@ -271,8 +271,9 @@ FAMILIES: dict[str, ArchSpec] = {
 COMMANDS: dict[str, tuple[str, ...]] = {
     "convert-diff-transformer": ("llama", "mistral", "qwen2"),
     "grow": tuple(FAMILIES),
+    "qkv-layout": tuple(FAMILIES),
 }
-VERBS = {"convert-diff-transformer": "convert", "grow": "grow"}
+VERBS = {"convert-diff-transformer": "convert", "grow": "grow", "qkv-layout": "convert"}
 
 
 def spec_for(model_type: str, command: str | None = None) -> ArchSpec:

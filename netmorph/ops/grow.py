@@ -20,6 +20,7 @@ import torch
 
 from netmorph.arch.families import READERS, RESIDUAL_NORMS, WRITERS
 from netmorph.errors import NetmorphError
+from netmorph.ops import qkv_layout
 
 # READERS (q k v gate up) read the (normalised) residual stream: their new input columns are free. WRITERS (o down)
 # write into it: their new output rows must keep the invariant. Both follow from arch.families.ROLE_SPACES.
@@ -50,30 +51,18 @@ def _std(layer_tensor: torch.Tensor, init_std: float | None) -> float:
 
 
 def split_qkv(qkv: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """A fused q/k/v weight (rows = outputs) or bias → (q, k, v), for the layouts in netmorph/arch QKV_LAYOUTS.
-
-    sequential (Phi-3, GPT-2 once transposed): rows [Q; K; V].
-    grouped (Falcon new_decoder_architecture): per KV group g, rows [q_{g·r} … q_{g·r+r−1}; k_g; v_g] (r = heads per
-    group); Falcon multi_query is the one-group case. interleaved (GPT-NeoX): grouped with one query head per group.
-    """
-    if layout == "sequential":
-        return tuple(torch.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=0))
-    groups = heads if layout == "interleaved" else kv_heads
-    per_group = qkv.reshape(groups, heads // groups + 2, head_dim, *qkv.shape[1:])
-    q = per_group[:, :-2].reshape(heads * head_dim, *qkv.shape[1:])
-    k, v = (per_group[:, i].reshape(groups * head_dim, *qkv.shape[1:]) for i in (-2, -1))
-    return q, k, v
+    """A fused q/k/v weight (rows = outputs) or bias → (q, k, v), for the layouts in netmorph/arch QKV_LAYOUTS; the
+    row maps are netmorph/ops/qkv_layout.py's (`head_dim` follows from the rows there, checked against this one)."""
+    parts = qkv_layout.split(qkv, layout, qkv_layout.Heads(heads, kv_heads))
+    if parts[0].shape[0] != heads * head_dim:
+        raise NetmorphError(f"a fused q/k/v tensor of {qkv.shape[0]} rows does not hold {heads} query heads of "
+                            f"{head_dim} dims: the weights and config.json do not belong together")
+    return parts
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, heads: int, kv_heads: int) -> torch.Tensor:
     """The inverse of `split_qkv`."""
-    if layout == "sequential":
-        return torch.cat([q, k, v], dim=0)
-    groups = heads if layout == "interleaved" else kv_heads
-    head_dim, rest = q.shape[0] // heads, q.shape[1:]
-    parts = [q.reshape(groups, heads // groups, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
-             v.reshape(groups, 1, head_dim, *rest)]
-    return torch.cat(parts, dim=1).reshape(-1, *rest)
+    return qkv_layout.fuse(q, k, v, layout, qkv_layout.Heads(heads, kv_heads))
 
 
 def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

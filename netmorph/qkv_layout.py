@@ -1,0 +1,384 @@
+"""`qkv-layout`: SOURCE → the same model with its q/k/v projections stored in another layout, bit-exact, streamed.
+
+Every layout change is a row permutation (netmorph/ops/qkv_layout.py), so the weights and biases come out with
+the same bits in new places. What the output *is* depends on whether a stock transformers class reads it:
+
+- the family's own layout (a checkpoint marked as converted, brought back; or Falcon multi_query `--to
+  sequential`, which is the same bytes as its grouped layout): the stock checkpoint, unmarked;
+- Llama / Mistral `--to sequential`: a stock **Phi-3** checkpoint (qkv_proj, gate_up_proj, phi3 config) when the
+  config fits Phi-3; Phi-3 `--to separate`: a stock **Llama** (or Mistral, with a sliding window) checkpoint when
+  it fits Llama. Those are verified on real text with both stock classes;
+- anything else (GPT-NeoX `--to sequential`, the legacy-upgrade case; Qwen2 `--to sequential`, …) is a layout no
+  stock class reads. It is written only with `--allow-non-stock`: the fused tensor is named after its layout
+  (`<attention>.qkv_sequential.weight`, …; separate ones `<attention>.{q,k,v}_proj`), so a stock class never
+  mistakes it for its own (it reports missing weights), config.json keeps the model_type and records
+  `netmorph_qkv_layout`, and netmorph's other commands refuse it with the command that converts it back.
+
+Verification: the written attention (and MLP) tensors are read back and converted back to the source layout,
+which must give the source's bits; when stock classes read both the source and the output, both models also run
+on real text (logits and greedy generation).
+"""
+
+import copy
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from netmorph.arch import FAMILIES, ArchSpec, spec_for
+from netmorph.convert import pass_through
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader
+from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.ops.grow import split_gate_up
+from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
+from netmorph.options import QkvLayoutOptions, parse_size
+from netmorph.sources import Source, default_texts, resolve_source
+from netmorph.verify import VerifyReport, compare_models
+
+log = logging.getLogger("netmorph")
+
+MARKER = "netmorph_qkv_layout"
+# Two fp32 models side by side for the logit comparison: above this share of the available memory it is skipped
+# (the bit-exact round trip is still checked).
+FULL_VERIFY_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """One conversion, as data. Tensor names are relative to the layer prefix and lack `.weight` / `.bias`."""
+
+    source_spec: ArchSpec
+    target_spec: ArchSpec
+    heads: Heads
+    num_layers: int
+    source_layout: str
+    target_layout: str
+    source_qkv: tuple[str, ...]
+    target_qkv: tuple[str, ...]
+    source_mlp: tuple[str, ...] = ()  # gate/up ↔ gate_up when the family changes (Llama ↔ Phi-3)
+    target_mlp: tuple[str, ...] = ()
+    stock: bool = True  # a stock transformers class reads the output
+    source_stock: bool = True  # ... and the source (not one this command wrote in a non-stock layout)
+    note: str = ""
+
+    @property
+    def transposed(self) -> bool:
+        """GPT-2's Conv1D stores weights (in, out): rows are rearranged on the transpose, orientation is kept."""
+        return "qkv" in self.source_spec.transposed
+
+    def inverse(self) -> "LayoutPlan":
+        return replace(self, source_spec=self.target_spec, target_spec=self.source_spec,
+                       source_layout=self.target_layout, target_layout=self.source_layout,
+                       source_qkv=self.target_qkv, target_qkv=self.source_qkv,
+                       source_mlp=self.target_mlp, target_mlp=self.source_mlp)
+
+    def layer_names(self, layer_idx: int, source: bool = True) -> list[str]:
+        spec, names = (self.source_spec, self.source_qkv + self.source_mlp) if source else \
+            (self.target_spec, self.target_qkv + self.target_mlp)
+        prefix = spec.layer_prefix.format(i=layer_idx)
+        return [f"{prefix}{name}.{kind}" for name in names for kind in ("weight", "bias")]
+
+
+@dataclass
+class LayoutResult:
+    output_dir: Path
+    plan: LayoutPlan
+    round_trip_tensors: int = 0
+    reports: list[VerifyReport] = field(default_factory=list)
+
+
+# ── which layout a checkpoint holds, under which names ──
+
+def heads_of(spec: ArchSpec, config) -> Heads:
+    return Heads(config.num_attention_heads, spec.num_kv_heads(config))
+
+
+def current_layout(spec: ArchSpec, config) -> str:
+    return getattr(config, MARKER, None) or spec.qkv_layout
+
+
+def is_stock_layout(spec: ArchSpec, layout: str, heads: Heads) -> bool:
+    if spec.qkv_layout == "separate" or layout == "separate":
+        return layout == spec.qkv_layout
+    return same_bytes(layout, spec.qkv_layout, heads)
+
+
+def qkv_names(spec: ArchSpec, layout: str, heads: Heads) -> tuple[str, ...]:
+    """The family's own names for its stock layout; otherwise names that say the layout (`qkv_grouped`), so a stock
+    class never reads rows in an order it does not expect."""
+    if is_stock_layout(spec, layout, heads):
+        return (spec.tensors["qkv"],) if layout != "separate" else tuple(spec.tensors[r] for r in ("q", "k", "v"))
+    attention = spec.attention_prefix
+    if layout == "separate":
+        return tuple(f"{attention}{role}_proj" for role in ("q", "k", "v"))
+    return (f"{attention}qkv_{layout}",)
+
+
+# ── Llama / Mistral ↔ Phi-3: the same model when the configs agree ──
+
+def _rope(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or {})
+
+
+def phi3_misfits(spec: ArchSpec, config, reader: TensorReader) -> list[str]:
+    """Why the stock Phi-3 class would not compute this Llama/Mistral model (empty: it would)."""
+    reasons = []
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        reasons.append(f"head_dim {head_dim} × {config.num_attention_heads} heads ≠ hidden_size {config.hidden_size}")
+    if any(name.endswith(".bias") for name in reader.keys()) or getattr(config, "attention_bias", False) \
+            or getattr(config, "mlp_bias", False):
+        reasons.append("it has biases")
+    if _rope(config).get("rope_type", "default") != "default":
+        reasons.append(f"rope_type {_rope(config)['rope_type']!r}")
+    return reasons
+
+
+def llama_misfits(config) -> list[str]:
+    """Why the stock Llama / Mistral class would not compute this Phi-3 model (empty: it would)."""
+    reasons = []
+    if _rope(config).get("partial_rotary_factor", 1.0) != 1.0:
+        reasons.append(f"partial_rotary_factor {_rope(config)['partial_rotary_factor']} (Llama rotates all of head_dim)")
+    if _rope(config).get("rope_type", "default") != "default":
+        reasons.append(f"rope_type {_rope(config)['rope_type']!r}")
+    for name in ("resid_pdrop", "embd_pdrop"):
+        if getattr(config, name, 0.0):
+            reasons.append(f"{name} {getattr(config, name)} (Llama has no such dropout)")
+    return reasons
+
+
+def _shared_config_fields(config) -> dict:
+    rope = {"rope_type": "default", "rope_theta": _rope(config).get("rope_theta", 10000.0)}
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+             "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
+    return {**{name: getattr(config, name) for name in names}, "rope_parameters": rope,
+            "dtype": getattr(config, "dtype", None)}
+
+
+def cross_family_config(target_type: str, config):
+    """The config of the stock counterpart class (Phi-3 ↔ Llama / Mistral) for the same model."""
+    from transformers import LlamaConfig, MistralConfig, Phi3Config
+
+    shared = _shared_config_fields(config)
+    if target_type == "phi3":
+        return Phi3Config(**shared, original_max_position_embeddings=config.max_position_embeddings,
+                          sliding_window=getattr(config, "sliding_window", None))
+    head_dim = config.hidden_size // config.num_attention_heads
+    if target_type == "mistral":
+        return MistralConfig(**shared, head_dim=head_dim, sliding_window=config.sliding_window)
+    return LlamaConfig(**shared, head_dim=head_dim, attention_bias=False, mlp_bias=False)
+
+
+def mlp_names(spec: ArchSpec) -> tuple[str, ...]:
+    """Phi-3's fused gate_up_proj, or Llama's gate_proj and up_proj."""
+    return tuple(spec.tensors[role] for role in (("gate_up",) if "gate_up" in spec.tensors else ("gate", "up")))
+
+
+def stock_counterpart(spec: ArchSpec, config, target_layout: str) -> str | None:
+    """The other family whose stock class holds this model in `target_layout`: Llama/Mistral ↔ Phi-3."""
+    if spec.model_type in ("llama", "mistral") and target_layout == "sequential":
+        return "phi3"
+    if spec.model_type == "phi3" and target_layout == "separate":
+        return "mistral" if getattr(config, "sliding_window", None) else "llama"
+    return None
+
+
+# ── the plan ──
+
+def plan_conversion(source: Source, reader: TensorReader, target_layout: str, allow_non_stock: bool):
+    """(LayoutPlan, target config) for converting `source` to `target_layout`, or a one-line refusal."""
+    config = source.config
+    spec = spec_for(config.model_type, "qkv-layout")
+    heads = heads_of(spec, config)
+    check_expressible(target_layout, heads)
+    source_layout = current_layout(spec, config)
+    base = dict(source_spec=spec, target_spec=spec, heads=heads, num_layers=config.num_hidden_layers,
+                source_layout=source_layout, target_layout=target_layout,
+                source_qkv=qkv_names(spec, source_layout, heads), source_stock=getattr(config, MARKER, None) is None)
+    counterpart = stock_counterpart(spec, config, target_layout)
+    misfits = []
+    if counterpart is not None:
+        misfits = phi3_misfits(spec, config, reader) if counterpart == "phi3" else llama_misfits(config)
+        if not misfits:
+            target_spec = FAMILIES[counterpart]
+            plan = LayoutPlan(**{**base, "target_spec": target_spec},
+                              target_qkv=qkv_names(target_spec, target_layout, heads),
+                              source_mlp=mlp_names(spec), target_mlp=mlp_names(target_spec),
+                              note=f"a stock {counterpart} checkpoint (the {spec.model_type} model in the "
+                                   f"{target_layout} layout)")
+            return plan, cross_family_config(counterpart, config)
+    stock = is_stock_layout(spec, target_layout, heads)
+    plan = LayoutPlan(**base, target_qkv=qkv_names(spec, target_layout, heads), stock=stock,
+                      note=f"the stock {spec.model_type} layout" if stock else
+                      f"{target_layout} layout, read by no stock transformers class")
+    if not stock and not allow_non_stock:
+        why = f" (the stock {counterpart} class cannot hold it: {'; '.join(misfits)})" if misfits else ""
+        raise NetmorphError(
+            f"no stock transformers class reads a {spec.model_type} model in the {target_layout} layout{why}: pass "
+            f"--allow-non-stock to write it anyway (config.json records {MARKER}; `--to {spec.qkv_layout}` converts "
+            "it back)"
+        )
+    target_config = copy.deepcopy(config)
+    if stock:
+        target_config.__dict__.pop(MARKER, None)
+    else:
+        setattr(target_config, MARKER, target_layout)
+    return plan, target_config
+
+
+# ── streaming the tensors ──
+
+def convert_layer(reader: TensorReader, plan: LayoutPlan, layer_idx: int) -> dict[str, torch.Tensor]:
+    """One layer's q/k/v (weights, then biases) and, across families, its MLP gate/up, in the target layout."""
+    source_prefix = plan.source_spec.layer_prefix.format(i=layer_idx)
+    target_prefix = plan.target_spec.layer_prefix.format(i=layer_idx)
+    out = {}
+    for kind in ("weight", "bias"):
+        names = [f"{source_prefix}{name}.{kind}" for name in plan.source_qkv]
+        present = [name for name in names if name in reader]
+        if not present:
+            if kind == "weight":
+                raise NetmorphError(f"the checkpoint has no {names[0]}: it is incomplete or not a "
+                                    f"{plan.source_spec.model_type} model in the {plan.source_layout} layout")
+            continue
+        if len(present) != len(names):
+            missing = next(name for name in names if name not in present)
+            raise NetmorphError(f"the checkpoint has {present[0]} but no {missing}: q, k and v need all or no biases")
+        parts = tuple(reader.get(name) for name in names)
+        transpose = plan.transposed and kind == "weight"
+        if transpose:
+            parts = tuple(part.T for part in parts)
+        converted = relayout(parts, plan.source_layout, plan.target_layout, plan.heads)
+        if transpose:
+            converted = tuple(part.T.contiguous() for part in converted)
+        out.update({f"{target_prefix}{name}.{kind}": tensor for name, tensor in zip(plan.target_qkv, converted)})
+    if plan.source_mlp:
+        parts = [reader.get(f"{source_prefix}{name}.weight") for name in plan.source_mlp]
+        merged = split_gate_up(parts[0]) if len(parts) == 1 else (torch.cat(parts, dim=0),)  # [gate; up]
+        out.update({f"{target_prefix}{name}.weight": tensor.contiguous()
+                    for name, tensor in zip(plan.target_mlp, merged)})
+    return out
+
+
+def convert_tensors(reader: TensorReader, plan: LayoutPlan, writer) -> None:
+    """Stream every tensor of the source to `writer`, rearranging each layer's q/k/v on the way (everything else is
+    copied file to file). On a `MetaReader` into a `PlanRecorder` it yields the output plan."""
+    layer_of = {name: i for i in range(plan.num_layers) for name in plan.layer_names(i)}
+    done = set()
+    for name in reader.keys():
+        layer_idx = layer_of.get(name)
+        if layer_idx is None:
+            pass_through(reader, writer, name)
+        elif layer_idx not in done:
+            done.add(layer_idx)
+            for name_out, tensor in convert_layer(reader, plan, layer_idx).items():
+                writer.add(name_out, tensor)
+    missing = sorted(set(range(plan.num_layers)) - done)
+    if missing:
+        raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
+
+
+def check_round_trip(source_reader: TensorReader, output_dir: Path, plan: LayoutPlan) -> int:
+    """Read the written layers back, convert them back, and require the source's bits. Returns tensors checked."""
+    written = SafetensorsReader(output_dir)
+    inverse = plan.inverse()
+    checked = 0
+    for layer_idx in range(plan.num_layers):
+        for name, tensor in convert_layer(written, inverse, layer_idx).items():
+            original = source_reader.get(name)
+            if original.dtype != tensor.dtype or not torch.equal(original, tensor):
+                raise NetmorphError(f"{name} does not convert back to its source bits: nothing was written "
+                                    "(please report this as a bug)")
+            checked += 1
+    return checked
+
+
+# ── verification, model card, the command ──
+
+def fits_in_memory(reader: TensorReader) -> bool:
+    import psutil
+
+    elements = sum(reader.describe(name).numel for name in reader.keys())
+    return 2 * 4 * elements <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
+
+
+def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions) -> VerifyReport:
+    from transformers import AutoModelForCausalLM
+
+    converted = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                     attn_implementation=plan.target_spec.attention_backend).eval()
+    original = source.load_model(plan.source_spec.attention_backend)
+    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
+    return compare_models(original, converted, source.load_tokenizer(), default_texts(), prompts,
+                          tolerance=options.tolerance)
+
+
+def write_model_card(directory: Path, source: Source, plan: LayoutPlan, result: LayoutResult) -> None:
+    heads = plan.heads
+    lines = [
+        "---", "library_name: transformers", "tags: [netmorph, qkv-layout]", "---",
+        f"# `{source.description}` with q/k/v in the {plan.target_layout} layout", "",
+        "Converted by [netmorph](https://pypi.org/project/netmorph/) `qkv-layout`: a row permutation, so every "
+        "weight and bias keeps its exact bits.", "",
+        f"- Source: `{source.description}` (model_type `{source.config.model_type}`, {plan.source_layout} layout)",
+        f"- Heads: {heads.num_heads} query, {heads.num_kv_heads} key/value ({heads.kind})",
+        f"- Output: {plan.note}; q/k/v tensors `{', '.join(plan.target_qkv)}` in every layer",
+    ]
+    if not plan.stock:
+        lines += [
+            "", f"**No stock transformers class reads this layout.** config.json records `{MARKER}: "
+            f"\"{plan.target_layout}\"`; convert it back with `netmorph qkv-layout <this dir> --to "
+            f"{plan.source_spec.qkv_layout} -o DIR`.",
+        ]
+    lines += ["", "## Verification", ""]
+    if result.round_trip_tensors:
+        lines.append(f"- {result.round_trip_tensors} written tensors read back and converted back: the source's bits.")
+    for report in result.reports:
+        lines += ["", "```", report.table(), "```"]
+    if not result.round_trip_tensors and not result.reports:
+        lines.append("Not run (`--no-verify`).")
+    (directory / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, options: QkvLayoutOptions) -> LayoutResult:
+    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
+                            any_qkv_layout=True)
+    if output_dir is None:
+        raise NetmorphError("no output directory: pass --output-dir DIR")
+    output_dir = Path(output_dir).expanduser()
+    check_output_dir(output_dir, options.force, source.input_paths)
+    reader = source.reader()
+    plan, target_config = plan_conversion(source, reader, options.to, options.allow_non_stock)
+    tensor_plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), plan, recorder))
+    log.info("qkv layout of %s (%s, %s → %s) → %s: %s", source.description, plan.source_spec.model_type,
+             plan.source_layout, plan.target_layout, output_dir, plan.note)
+    result = LayoutResult(output_dir, plan)
+    with atomic_output_dir(output_dir) as tmp:
+        with StreamingWriter(tmp, tensor_plan, parse_size(options.max_shard_size), progress=options.progress,
+                             description="rearranging") as writer:
+            convert_tensors(reader, plan, writer)
+            writer.finish()
+        release_freed_memory()
+        target_config.save_pretrained(tmp)
+        source.save_tokenizer(tmp)
+        source.save_generation_config(tmp)
+        if options.verify or options.debug:
+            result.round_trip_tensors = check_round_trip(reader, tmp, plan)
+            log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
+            if plan.stock and plan.source_stock and fits_in_memory(reader):
+                report = verify_logits(source, tmp, plan, options)
+                result.reports.append(report)
+                if not report.passed:  # NaN fails too
+                    raise NetmorphError(
+                        f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} (tolerance "
+                        f"{options.tolerance:g}) or a greedy generation differs; nothing was written (please report "
+                        "this as a bug)"
+                    )
+            elif plan.stock and plan.source_stock:
+                log.info("logit comparison skipped: two fp32 copies of the model do not fit in memory")
+        write_model_card(tmp, source, plan, result)
+    return result
