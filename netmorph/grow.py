@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from netmorph.arch.grow_specs import GrowSpec, grow_spec_for
+from netmorph.arch import ArchSpec, spec_for
+from netmorph.arch.families import GROW_DIMS
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import TensorReader
 from netmorph.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
@@ -43,7 +44,7 @@ class Dims:
 class GrowthPlan:
     """Everything decided before the first tensor is read."""
 
-    spec: GrowSpec
+    spec: ArchSpec
     source: Dims
     target: Dims
     layer_sources: list[tuple[int, bool]]  # per output layer: (source layer, is it new)
@@ -67,15 +68,16 @@ class GrowResult:
 # ── planning: every check before any work ───────────────────────────────────────────────────────────────────────
 
 
-def source_dims(config) -> Dims:
-    heads = config.num_attention_heads
+def source_dims(config, spec: ArchSpec) -> Dims:
+    heads, hidden = config.num_attention_heads, config.hidden_size
     return Dims(
         layers=config.num_hidden_layers,
-        intermediate=config.intermediate_size,
+        # GPT-2's n_inner may be None: the model then uses 4 × hidden
+        intermediate=getattr(config, spec.field("intermediate_size"), None) or 4 * hidden,
         heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        hidden=config.hidden_size,
+        kv_heads=spec.num_kv_heads(config),
+        head_dim=(getattr(config, "head_dim", None) if spec.free_head_dim else None) or hidden // heads,
+        hidden=hidden,
     )
 
 
@@ -109,14 +111,18 @@ def _check_not_shrinking(source: Dims, options: GrowOptions) -> None:
                                 f"(pass a value ≥ {current}, or leave it out)")
 
 
-def _target_dims(source: Dims, spec: GrowSpec, options: GrowOptions) -> Dims:
+def _target_dims(source: Dims, spec: ArchSpec, config, options: GrowOptions) -> Dims:
     heads = options.num_attention_heads or source.heads
     kv_heads = options.num_key_value_heads or source.kv_heads
-    if spec.qkv_layout == "per_head":  # GPT-NeoX: one KV head per query head, always
+    rule = spec.kv_heads_rule(config)
+    if rule == "heads":  # GPT-NeoX, GPT-2, Falcon multi_query=False: one KV head per query head, always
         if options.num_key_value_heads not in (None, heads):
             raise NetmorphError(f"{spec.model_type} has one KV head per query head: set "
                                 f"{_flag('num_key_value_heads')} equal to the query heads ({heads}) or leave it out")
         kv_heads = heads
+    if rule == "one" and options.num_key_value_heads not in (None, 1):
+        raise NetmorphError(f"this {spec.model_type} model is multi-query (one KV head, config multi_query): leave "
+                            f"{_flag('num_key_value_heads')} out")
     if heads % kv_heads:
         divisors = [k for k in range(kv_heads, heads + 1) if heads % k == 0]
         raise NetmorphError(f"{heads} query heads cannot be split into {kv_heads} KV heads: pick "
@@ -176,7 +182,10 @@ def layer_order(num_source: int, positions: list[int]) -> list[tuple[int, bool]]
     return order
 
 
-def _rope_updates(config, source: Dims, target: Dims) -> tuple[int, dict]:
+def _rope_updates(config, spec: ArchSpec, source: Dims, target: Dims) -> tuple[int, dict]:
+    """(rotary dims per head, config updates) for head_dim growth; learned positions rotate nothing."""
+    if spec.rope_kind(config) in ("none", "alibi"):
+        return 0, {}
     rope = dict(getattr(config, "rope_parameters", None) or {})
     prf = rope.get("partial_rotary_factor", 1.0) or 1.0
     rotary_dims = int(source.head_dim * prf)
@@ -197,29 +206,54 @@ def _rope_updates(config, source: Dims, target: Dims) -> tuple[int, dict]:
     return rotary_dims, {"rope_parameters": rope}
 
 
-def plan_growth(config, spec: GrowSpec, options: GrowOptions) -> GrowthPlan:
-    source = source_dims(config)
+def _check_refusals(spec: ArchSpec, config, source: Dims, options: GrowOptions) -> None:
+    """The family's own limits (ArchSpec.grow_refuses), checked on the flags as given (before sizes that depend on
+    them are derived): a one-line reason and the dims that do grow exactly."""
+    changed = {dim for dim, current in zip(GROW_DIMS, asdict(source).values())
+               if getattr(options, dim) not in (None, current)}
+    refusals = spec.refusals(config)
+    refused = {dim for r in refusals for dim in r.dims}
+    for refusal in refusals:
+        hit = [dim for dim in GROW_DIMS if dim in changed and dim in refusal.dims]
+        if hit:
+            allowed = [_flag(dim) for dim in GROW_DIMS if dim not in refused]
+            raise NetmorphError(
+                f"this {spec.model_type} model cannot grow {', '.join(_flag(d) for d in hit)} exactly: "
+                f"{refusal.reason}; grow {', '.join(allowed[:-1])} or {allowed[-1]} only"
+            )
+
+
+def _check_layer_index_scaling(spec: ArchSpec, config, source: Dims, order: list[tuple[int, bool]]) -> None:
+    """GPT-2 with scale_attn_by_inverse_layer_idx divides scores by (layer index + 1): old layers must keep theirs."""
+    if spec.layer_index_scaling_field and getattr(config, spec.layer_index_scaling_field, False):
+        if [i for i, (_, is_new) in enumerate(order) if not is_new] != list(range(source.layers)):
+            raise NetmorphError(f"this {spec.model_type} model scales attention by 1/(layer index + 1) "
+                                f"({spec.layer_index_scaling_field}), so inserted layers would shift the old ones: "
+                                "pass --new-layers-at append")
+
+
+def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
+    source = source_dims(config, spec)
     _check_not_shrinking(source, options)
-    target = _target_dims(source, spec, options)
-    if spec.per_head_norm_field and getattr(config, spec.per_head_norm_field, False) and (
-        (source.heads, source.kv_heads, source.head_dim, source.hidden)
-        != (target.heads, target.kv_heads, target.head_dim, target.hidden)
-    ):
+    _check_refusals(spec, config, source, options)
+    target = _target_dims(source, spec, config, options)
+    if spec.qk_norm == "full_width" and target.kv_heads % source.kv_heads:
         raise NetmorphError(
-            f"this {spec.model_type} model has per-head q/k norms ({spec.per_head_norm_field}); they share the one eps "
-            f"and see head_dim, so heads/head_dim/hidden growth would not be exact: grow {_flag('num_layers')} or "
-            f"{_flag('intermediate_size')} only"
+            f"{spec.model_type}'s k norm normalises over all KV heads × head_dim together: new KV heads must be "
+            f"copies of the old ones to keep it exact, so pass {_flag('num_key_value_heads')} a multiple of "
+            f"{source.kv_heads} (e.g. {2 * source.kv_heads})"
         )
     ops.head_placement(source.heads, source.kv_heads, target.heads, target.kv_heads)  # raises if impossible
-    rotary_dims, updates = _rope_updates(config, source, target)
+    rotary_dims, updates = _rope_updates(config, spec, source, target)
     positions = new_layer_positions(source.layers, target.layers - source.layers, options.new_layers_at)
     order = layer_order(source.layers, positions)
+    _check_layer_index_scaling(spec, config, source, order)
     if target.hidden != source.hidden:
         updates[spec.eps_field] = getattr(config, spec.eps_field) * source.hidden / target.hidden
-    updates.update(num_hidden_layers=target.layers, intermediate_size=target.intermediate,
-                   num_attention_heads=target.heads, hidden_size=target.hidden)
-    if hasattr(config, "num_key_value_heads"):
-        updates["num_key_value_heads"] = target.kv_heads
+    updates.update({spec.field("num_layers"): target.layers, spec.field("intermediate_size"): target.intermediate,
+                    spec.field("num_attention_heads"): target.heads, spec.field("hidden_size"): target.hidden})
+    if spec.kv_heads_rule(config) != "one" and spec.kv_heads != "heads":
+        updates[spec.field("num_key_value_heads")] = target.kv_heads
     if spec.free_head_dim:
         updates["head_dim"] = target.head_dim
     layer_types = getattr(config, "layer_types", None)
@@ -245,7 +279,7 @@ def target_config(source_config, plan: GrowthPlan):
 # ── tensors: read a layer into canonical form, grow it, write it back ───────────────────────────────────────────
 
 
-def _layer_keys(reader: TensorReader, spec: GrowSpec) -> dict[int, list[str]]:
+def _layer_keys(reader: TensorReader, spec: ArchSpec) -> dict[int, list[str]]:
     pattern = re.compile(re.escape(spec.layer_prefix).replace(re.escape("{i}"), r"(\d+)"))
     layers: dict[int, list[str]] = {}
     for name in reader.keys():
@@ -255,18 +289,11 @@ def _layer_keys(reader: TensorReader, spec: GrowSpec) -> dict[int, list[str]]:
     return layers
 
 
-def read_layer(reader: TensorReader, spec: GrowSpec, layer_idx: int, names: list[str], dims: Dims):
-    """Canonical float32 tensors of one layer (fused layouts split), plus any tensors the spec does not know."""
-    prefix = spec.layer_prefix.format(i=layer_idx)
-    by_name = {f"{suffix}.{kind}": f"{role}.{kind}" for role, suffix in spec.layer_tensors.items()
-               for kind in ("weight", "bias")}
-    layer, extras = {}, {}
-    for name in names:
-        canonical = by_name.get(name[len(prefix):])
-        if canonical is None:
-            extras[name[len(prefix):]] = reader.get(name)
-        else:
-            layer[canonical] = reader.get(name).to(ops.DTYPE)
+def canonical_layer(stored: dict, spec: ArchSpec, layer_idx: int, dims: Dims) -> dict:
+    """`role.kind` tensors as the family stores them → canonical form (ops/grow.py): nn.Linear orientation
+    (GPT-2's Conv1D transposed back), fused q/k/v and gate/up split."""
+    layer = {name: (t.T if name.endswith(".weight") and name.split(".")[0] in spec.transposed else t)
+             for name, t in stored.items()}
     q_rows, kv_rows = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     for kind in ("weight", "bias"):
         if f"qkv.{kind}" in layer:
@@ -275,11 +302,39 @@ def read_layer(reader: TensorReader, spec: GrowSpec, layer_idx: int, names: list
             if qkv.shape[0] != expected:
                 raise NetmorphError(f"layer {layer_idx} fused qkv has {qkv.shape[0]} rows but config.json implies "
                                     f"{expected}: the weights and config.json do not belong together")
-            parts = (ops.split_qkv_blocks(qkv, q_rows, kv_rows) if spec.qkv_layout == "blocks"
-                     else ops.split_qkv_per_head(qkv, dims.heads, dims.head_dim))
+            parts = ops.split_qkv(qkv, spec.qkv_layout, dims.heads, dims.kv_heads, dims.head_dim)
             layer.update({f"{role}.{kind}": t for role, t in zip("qkv", parts)})
         if f"gate_up.{kind}" in layer:
             layer[f"gate.{kind}"], layer[f"up.{kind}"] = ops.split_gate_up(layer.pop(f"gate_up.{kind}"))
+    return layer
+
+
+def stored_layer(layer: dict, spec: ArchSpec, dims: Dims) -> dict:
+    """The inverse of `canonical_layer`: canonical tensors → `role.kind` tensors as the family stores them."""
+    layer = dict(layer)
+    for kind in ("weight", "bias"):
+        if "qkv" in spec.tensors and f"q.{kind}" in layer:
+            q, k, v = (layer.pop(f"{role}.{kind}") for role in "qkv")
+            layer[f"qkv.{kind}"] = ops.fuse_qkv(q, k, v, spec.qkv_layout, dims.heads, dims.kv_heads)
+        if "gate_up" in spec.tensors and f"gate.{kind}" in layer:
+            layer[f"gate_up.{kind}"] = ops.fuse_gate_up(layer.pop(f"gate.{kind}"), layer.pop(f"up.{kind}"))
+    return {name: (t.T if name.endswith(".weight") and name.split(".")[0] in spec.transposed else t)
+            for name, t in layer.items()}
+
+
+def read_layer(reader: TensorReader, spec: ArchSpec, layer_idx: int, names: list[str], dims: Dims):
+    """Canonical float64 tensors of one layer (fused layouts split), plus any tensors the spec does not know."""
+    prefix = spec.layer_prefix.format(i=layer_idx)
+    by_name = {f"{suffix}.{kind}": f"{role}.{kind}" for role, suffix in spec.tensors.items()
+               for kind in ("weight", "bias")}
+    stored, extras = {}, {}
+    for name in names:
+        canonical = by_name.get(name[len(prefix):])
+        if canonical is None:
+            extras[name[len(prefix):]] = reader.get(name)
+        else:
+            stored[canonical] = reader.get(name).to(ops.DTYPE)
+    layer = canonical_layer(stored, spec, layer_idx, dims)
     _check_layer_shapes(layer, layer_idx, dims)
     return layer, extras
 
@@ -298,19 +353,12 @@ def _check_layer_shapes(layer: dict, layer_idx: int, dims: Dims) -> None:
                                 f"{shape}: the weights and config.json do not belong together")
 
 
-def write_layer(layer: dict, extras: dict, spec: GrowSpec, layer_idx: int, dims: Dims, dtype, writer) -> None:
-    layer = dict(layer)
-    for kind in ("weight", "bias"):
-        if "qkv" in spec.layer_tensors and f"q.{kind}" in layer:
-            q, k, v = (layer.pop(f"{role}.{kind}") for role in "qkv")
-            layer[f"qkv.{kind}"] = (ops.fuse_qkv_blocks(q, k, v) if spec.qkv_layout == "blocks"
-                                    else ops.fuse_qkv_per_head(q, k, v, dims.heads))
-        if "gate_up" in spec.layer_tensors and f"gate.{kind}" in layer:
-            layer[f"gate_up.{kind}"] = ops.fuse_gate_up(layer.pop(f"gate.{kind}"), layer.pop(f"up.{kind}"))
+def write_layer(layer: dict, extras: dict, spec: ArchSpec, layer_idx: int, dims: Dims, dtype, writer) -> None:
+    layer = stored_layer(layer, spec, dims)
     # Copies, never views: a new layer may share tensors with its source, and safetensors refuses shared memory.
     for canonical, tensor in layer.items():
         role, kind = canonical.split(".")
-        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype, copy=True))
+        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype, copy=True).contiguous())
     prefix = spec.layer_prefix.format(i=layer_idx)
     for suffix, tensor in extras.items():
         writer.add(prefix + suffix, tensor.clone())
@@ -320,15 +368,16 @@ def grow_layer(layer: dict, plan: GrowthPlan, is_new: bool, options: GrowOptions
     """The recipes in a fixed order: depth, MLP, heads, head_dim, hidden (each sees the previous one's shapes)."""
     s, t = plan.source, plan.target
     if is_new:
-        layer = ops.new_layer(layer, options.layer_init, generator, options.init_std)
+        layer = ops.new_layer(layer, options.layer_init, generator, options.init_std,
+                              zero_gain=-1.0 if plan.spec.norm == "rms_one_plus" else 0.0)
     if t.intermediate != s.intermediate:
         layer = ops.grow_mlp(layer, t.intermediate, generator, options.init_std)
     if (t.heads, t.kv_heads) != (s.heads, s.kv_heads):
         layer = ops.regroup_heads(layer, s.heads, s.kv_heads, s.head_dim, t.heads, t.kv_heads, generator,
-                                  options.init_std)
+                                  options.init_std, full_width_k_norm=plan.spec.qk_norm == "full_width")
     if t.head_dim != s.head_dim:
         layer = ops.grow_head_dim(layer, t.heads, t.kv_heads, s.head_dim, t.head_dim, plan.rotary_dims, generator,
-                                  options.init_std)
+                                  options.init_std, plan.spec.attention_scale == "head_dim")
     if t.hidden != s.hidden:
         layer = ops.grow_hidden_layer(layer, t.hidden, plan.spec.norm, generator, options.init_std)
     return layer
@@ -339,7 +388,8 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     """Embedding, final norm, output head; any other non-layer tensor passes through when the hidden size stays."""
     spec, s, t = plan.spec, plan.source, plan.target
     embed_scale = math.sqrt(s.hidden / t.hidden) if spec.embed_scale else 1.0  # Gemma multiplies by √hidden
-    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"}
+    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"} | (
+        {spec.position_embed} if spec.position_embed else set())
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
@@ -351,6 +401,9 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
                 writer.add(name, reader.get(name))
     else:
         writer.add(spec.embed, ops.grow_embedding(embedding, t.hidden, spec.norm, embed_scale).to(dtype))
+        if spec.position_embed in reader:  # GPT-2's learned positions write the residual stream like the tokens
+            writer.add(spec.position_embed, ops.grow_embedding(reader.get(spec.position_embed), t.hidden,
+                                                               spec.norm).to(dtype))
         # A tied head shares the embedding's scale change; the final norm undoes it.
         norm_factor = 1.0 / embed_scale if tied else 1.0
         bias_name = f"{spec.final_norm}.bias"
@@ -433,7 +486,7 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify_growth(source: Source, directory: Path, options: GrowOptions) -> VerifyReport:
+def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa") -> VerifyReport:
     """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
 
     Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
@@ -442,8 +495,8 @@ def verify_growth(source: Source, directory: Path, options: GrowOptions) -> Veri
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, options.verify_dtype)
-    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="sdpa").eval()
-    original = source.load_model("sdpa")
+    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
+    original = source.load_model(backend)
     prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     try:
         original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
@@ -460,13 +513,13 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         if not output_dir:
             raise NetmorphError("no output directory: pass --output-dir DIR")
     output_dir = Path(output_dir).expanduser()
-    spec = grow_spec_for(source.config.model_type)
+    spec = spec_for(source.config.model_type, "grow")
     plan = plan_growth(source.config, spec, options)
     config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
     config.dtype = reader.get(spec.embed).dtype if spec.embed in reader else torch.float32
-    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    tied = spec.is_tied(source.config)
     log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
 
     with atomic_output_dir(output_dir) as tmp:
@@ -478,7 +531,7 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         source.save_generation_config(tmp)
         reports = []
         if options.verify or options.debug:
-            report = verify_growth(source, tmp, options)
+            report = verify_growth(source, tmp, options, spec.attention_backend)
             reports.append(report)
             if not report.passed:
                 raise NetmorphError(

@@ -188,7 +188,7 @@ class LayerByLayer:
 
 
 def _layer_types(config) -> list[str]:
-    from netmorph.arch.llama import FAMILIES
+    from netmorph.arch import FAMILIES
 
     if config.model_type in FAMILIES:
         return FAMILIES[config.model_type].layer_types(config)

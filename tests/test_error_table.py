@@ -297,6 +297,26 @@ def grow_hidden_smaller(case):
     return ["grow", case.src, "-o", case.out, "--hidden-size", "30"]
 
 
+@row("`grow --hidden-size 40` on a Qwen3 (per-head q/k norms)",
+     "this qwen3 model cannot grow --hidden-size exactly: its q/k norms share the one rms_norm_eps with every other "
+     "norm, and hidden growth must scale that eps by n/n′ (exact for the hidden-size norms, not for the q/k norms); "
+     "grow --num-layers, --intermediate-size, --num-attention-heads or --num-key-value-heads only")
+def grow_qwen3_hidden(case):
+    from tests.grow_helpers import save_tiny
+
+    case.src = save_tiny(case.tmp / "qwen3", "qwen3")
+    return ["grow", case.src, "-o", case.out, "--hidden-size", "40"]
+
+
+@row("`grow --num-key-value-heads 2` on a multi-query Falcon",
+     "this falcon model is multi-query (one KV head, config multi_query): leave --num-key-value-heads out")
+def grow_falcon_multi_query_kv(case):
+    from tests.grow_helpers import save_tiny
+
+    case.src = save_tiny(case.tmp / "falcon", "falcon")
+    return ["grow", case.src, "-o", case.out, "--num-key-value-heads", "2"]
+
+
 @row("`--zero-init --mirror-weights`",
      "--zero-init and --mirror-weights conflict: choose one negative-component init")
 def zero_and_mirror(case):

@@ -6,7 +6,7 @@ come out near 1e-14, RMSNorm/RoPE families near 1e-6 because transformers comput
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from netmorph.errors import NetmorphError
 from tests.grow_helpers import grow_tiny, save_tiny
@@ -99,10 +99,12 @@ def test_stablelm_article_hidden_growth_keeps_the_loss(tmp_path):
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+                             word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
     out = tmp_path / "out"
-    assert_clean_error(run_cli("grow", tmp_path / "gpt2", "-o", out, "--num-layers", "2"), "'gpt2'",
-                       "gemma, gpt_neox, llama, mistral, phi3, qwen2, stablelm", output=out)
+    assert_clean_error(run_cli("grow", tmp_path / "opt", "-o", out, "--num-layers", "2"), "'opt'",
+                       "falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3, "
+                       "stablelm", output=out)
 
 
 @pytest.mark.parametrize(

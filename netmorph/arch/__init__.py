@@ -1,5 +1,6 @@
-"""Architecture adapters as data: one small spec per model family, looked up by the source's `model_type`."""
+"""Architecture adapters as data: one small spec per model family (netmorph/arch/families.py), looked up by the
+source's `model_type`, used by every command."""
 
-from netmorph.arch.llama import FAMILIES, ArchSpec, spec_for
+from netmorph.arch.families import COMMANDS, FAMILIES, ROLE_SPACES, ArchSpec, Refusal, spec_for
 
-__all__ = ["FAMILIES", "ArchSpec", "spec_for"]
+__all__ = ["COMMANDS", "FAMILIES", "ROLE_SPACES", "ArchSpec", "Refusal", "spec_for"]

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from netmorph.arch.families import RESIDUAL_NORMS
 from netmorph.errors import NetmorphError
 
 READERS = ("q", "k", "v", "gate", "up")  # read the (normalised) residual stream: new input columns are free
@@ -48,25 +49,31 @@ def _std(layer_tensor: torch.Tensor, init_std: float | None) -> float:
 # ── fused layouts ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def split_qkv_blocks(qkv: torch.Tensor, q_rows: int, kv_rows: int) -> tuple[torch.Tensor, ...]:
-    """Phi-3 `qkv_proj`: rows are [Q; K; V] (weight or bias)."""
-    return torch.split(qkv, [q_rows, kv_rows, kv_rows], dim=0)
+def split_qkv(qkv: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """A fused q/k/v weight (rows = outputs) or bias → (q, k, v), for the layouts in netmorph/arch QKV_LAYOUTS.
+
+    sequential (Phi-3, GPT-2 once transposed): rows [Q; K; V].
+    grouped (Falcon new_decoder_architecture): per KV group g, rows [q_{g·r} … q_{g·r+r−1}; k_g; v_g] (r = heads per
+    group); Falcon multi_query is the one-group case. interleaved (GPT-NeoX): grouped with one query head per group.
+    """
+    if layout == "sequential":
+        return tuple(torch.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=0))
+    groups = heads if layout == "interleaved" else kv_heads
+    per_group = qkv.reshape(groups, heads // groups + 2, head_dim, *qkv.shape[1:])
+    q = per_group[:, :-2].reshape(heads * head_dim, *qkv.shape[1:])
+    k, v = (per_group[:, i].reshape(groups * head_dim, *qkv.shape[1:]) for i in (-2, -1))
+    return q, k, v
 
 
-def fuse_qkv_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([q, k, v], dim=0)
-
-
-def split_qkv_per_head(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """GPT-NeoX `query_key_value`: rows are per head [q_h; k_h; v_h] (the model views the output as (H, 3·d))."""
-    per_head = qkv.reshape(num_heads, 3, head_dim, *qkv.shape[1:])
-    return tuple(per_head[:, i].reshape(num_heads * head_dim, *qkv.shape[1:]) for i in range(3))
-
-
-def fuse_qkv_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    head_dim = q.shape[0] // num_heads
-    parts = [t.reshape(num_heads, 1, head_dim, *t.shape[1:]) for t in (q, k, v)]
-    return torch.cat(parts, dim=1).reshape(3 * num_heads * head_dim, *q.shape[1:])
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, heads: int, kv_heads: int) -> torch.Tensor:
+    """The inverse of `split_qkv`."""
+    if layout == "sequential":
+        return torch.cat([q, k, v], dim=0)
+    groups = heads if layout == "interleaved" else kv_heads
+    head_dim, rest = q.shape[0] // heads, q.shape[1:]
+    parts = [q.reshape(groups, heads // groups, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
+             v.reshape(groups, 1, head_dim, *rest)]
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
 def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +89,26 @@ def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # ── depth ───────────────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def new_layer(source_layer: dict, init: str, generator: torch.Generator, init_std: float | None = None) -> dict:
+POST_NORMS = {"attn_post_norm": "o", "mlp_post_norm": "down"}  # post-norm → the writer it scales (Gemma2/3, OLMo2)
+
+
+def new_layer(source_layer: dict, init: str, generator: torch.Generator, init_std: float | None = None,
+              zero_gain: float = 0.0) -> dict:
     """A new layer that adds nothing to the residual stream: its writers (o, down; weights and biases) are zero.
 
     init "copy" keeps the source layer's readers (Llama Pro); "normal" draws them afresh at each tensor's own scale.
-    Norm gains are kept (never zero: a zero gain would cut the gradient to everything behind it).
+    Pre-norm gains are kept (never zero: a zero gain would cut the gradient to everything behind it). A sub-layer
+    with a post-norm gets that norm's gain zeroed instead (`zero_gain`: the stored value meaning gain 0, −1 for
+    Gemma's 1 + w) and keeps its writer: zeroing the writer would leave the post-norm at RMSNorm(0), whose
+    Jacobian is gain/√eps (~1000×) — exact but explosive (growth_report.md §5).
     """
+    silenced = {POST_NORMS[role] for role in POST_NORMS if f"{role}.weight" in source_layer}
     layer = {}
     for name, tensor in source_layer.items():
         role = name.split(".")[0]
-        if role in WRITERS:
+        if role in POST_NORMS:
+            layer[name] = torch.full_like(tensor, zero_gain)
+        elif role in WRITERS and role not in silenced:
             layer[name] = torch.zeros_like(tensor)
         elif init == "normal" and role in READERS and name.endswith(".weight"):
             layer[name] = _normal(tensor.shape, _std(tensor, init_std), generator)
@@ -150,12 +167,15 @@ def head_placement(heads: int, kv_heads: int, new_heads: int, new_kv_heads: int)
 
 def regroup_heads(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_heads: int, new_kv_heads: int,
-    generator: torch.Generator, init_std: float | None = None,
+    generator: torch.Generator, init_std: float | None = None, full_width_k_norm: bool = False,
 ) -> dict:
     """Heads H → H′ and KV heads K → K′ at a fixed head_dim (see `head_placement`).
 
     New query heads: random q rows, zero o_proj columns. New KV heads: copies (exact: the copies serve different
     query heads and drift apart in training) or random rows where no old head needs them.
+    A k norm over all KV heads together (OLMo2, `full_width_k_norm`) follows its heads; with every new KV head a
+    copy, each old head appears equally often, so its mean square — and the norm — is unchanged (the caller
+    refuses other KV counts). Per-head q/k norms (one weight over head_dim) need nothing.
     """
     if (heads, kv_heads) == (new_heads, new_kv_heads):
         return dict(layer)
@@ -180,6 +200,13 @@ def regroup_heads(
         if f"{role}.bias" in layer:
             b = layer[f"{role}.bias"].reshape(kv_heads, d)
             layer[f"{role}.bias"] = torch.stack([b[j] if j is not None else _zeros(d) for j in kv_sources]).reshape(-1)
+
+    if full_width_k_norm and "k_norm.weight" in layer:
+        if None in kv_sources:
+            raise NetmorphError(f"{new_kv_heads} KV heads are not all copies of the {kv_heads} old ones: a full-width "
+                                f"k norm needs a multiple of {kv_heads}")
+        norm = layer["k_norm.weight"].reshape(kv_heads, d)
+        layer["k_norm.weight"] = torch.stack([norm[j] for j in kv_sources]).reshape(-1)
 
     o = layer["o.weight"].reshape(-1, heads, d)
     new_o = _zeros(o.shape[0], new_heads, d)
@@ -207,16 +234,17 @@ def qk_dim_positions(head_dim: int, new_head_dim: int, rotary_dims: int) -> list
 
 def grow_head_dim(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_head_dim: int, rotary_dims: int,
-    generator: torch.Generator, init_std: float | None = None,
+    generator: torch.Generator, init_std: float | None = None, scores_scale_with_head_dim: bool = True,
 ) -> dict:
     """head_dim d → d′. q/k dims move per `qk_dim_positions`; q pads random, k pads zero (scores unchanged);
-    q × √(d′/d) undoes the change of the 1/√head_dim scaling; v pads random with zero o_proj columns."""
+    q × √(d′/d) undoes the change of the 1/√head_dim scaling (not needed where the scale is a config constant:
+    Gemma2/3's query_pre_attn_scalar); v pads random with zero o_proj columns."""
     if new_head_dim == head_dim:
         return dict(layer)
     layer = dict(layer)
     d, d2 = head_dim, new_head_dim
     positions = qk_dim_positions(d, d2, rotary_dims)
-    q_scale = math.sqrt(d2 / d)
+    q_scale = math.sqrt(d2 / d) if scores_scale_with_head_dim else 1.0
 
     def place(tensor, count, fill):  # (count·d, ...) → (count·d2, ...), old dims at `positions`
         per_head = tensor.reshape(count, d, *tensor.shape[1:])
@@ -290,7 +318,7 @@ def grow_hidden_layer(
             layer[name] = torch.cat([tensor, _normal((tensor.shape[0], extra), _std(tensor, init_std), generator)], 1)
         elif role in WRITERS:
             layer[name] = torch.cat([tensor.to(DTYPE), _new_rows(tensor, extra, fill)])
-    for norm in ("attn_norm", "mlp_norm"):
+    for norm in RESIDUAL_NORMS:
         if f"{norm}.weight" in layer:
             weight, bias = grow_norm(layer[f"{norm}.weight"], layer.get(f"{norm}.bias"), new_size, norm_kind)
             layer[f"{norm}.weight"] = weight

@@ -1,0 +1,286 @@
+"""Every model family netmorph knows, as data: one `ArchSpec` per family, one table, used by every command.
+
+A spec says where a family keeps each weight (tensor names per *role*), how fused projections are laid out, which
+norm / position scheme / biases / sliding windows it uses, and which config fields hold its sizes. The commands
+never test `model_type`; they read these fields. Every tensor name below was read from the state_dict of a tiny
+stock transformers 5.23 model of the family (tests/test_families.py keeps that true).
+
+Roles (the canonical names the math in netmorph/ops works with) and the *space* each reads and writes — the
+vocabulary growth needs (mergekit's idea: a weight that writes the residual stream must keep its invariant, a
+weight that reads it may get free new input columns):
+"""
+
+from dataclasses import dataclass, field
+
+from netmorph.errors import NetmorphError
+
+# role → (space it reads, space it writes). "residual": the hidden stream (hidden_size); "query"/"key"/"value":
+# per-head projections (heads × head_dim, kv_heads × head_dim); "mlp": the intermediate activations.
+ROLE_SPACES = {
+    "q": ("residual", "query"), "k": ("residual", "key"), "v": ("residual", "value"),
+    "qkv": ("residual", "query+key+value"),  # fused; split per the family's qkv_layout
+    "o": ("value", "residual"),
+    "gate": ("residual", "mlp"), "up": ("residual", "mlp"), "gate_up": ("residual", "mlp+mlp"),
+    "down": ("mlp", "residual"),
+    # norms on the residual stream: pre-norms feed a sub-layer; post-norms (Gemma2/3, OLMo2) scale its output
+    "attn_norm": ("residual", "residual"), "mlp_norm": ("residual", "residual"),
+    "attn_post_norm": ("residual", "residual"), "mlp_post_norm": ("residual", "residual"),
+    # q/k norms: per head over head_dim (Qwen3, Gemma3), or over the whole projection (OLMo2)
+    "q_norm": ("query", "query"), "k_norm": ("key", "key"),
+    # Falcon new_decoder_architecture: two parallel pre-norms
+    "ln_attn": ("residual", "residual"), "ln_mlp": ("residual", "residual"),
+}
+READERS = tuple(r for r, (reads, writes) in ROLE_SPACES.items() if reads == "residual" and writes != "residual")
+WRITERS = tuple(r for r, (reads, writes) in ROLE_SPACES.items() if writes == "residual" and reads != "residual")
+RESIDUAL_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "ln_attn", "ln_mlp")
+
+QKV_LAYOUTS = {
+    "separate": "three tensors q/k/v",
+    "sequential": "one tensor, rows [Q; K; V] (Phi-3; GPT-2's Conv1D stores it transposed: columns [Q | K | V])",
+    "interleaved": "one tensor, per head [q_h; k_h; v_h] (GPT-NeoX, Falcon multi_query=False)",
+    "grouped": "one tensor, per KV group [q × heads-per-group; k; v] (Falcon new_decoder_architecture; "
+    "multi_query=True is the single-group case)",
+}
+
+GROW_DIMS = ("num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+
+STANDARD_LAYER = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+}
+QK_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+# Gemma2/3: input_layernorm → attn → post_attention_layernorm (a post-norm) → residual;
+# pre_feedforward_layernorm → mlp → post_feedforward_layernorm → residual
+GEMMA2_LAYER = {**STANDARD_LAYER, "attn_post_norm": "post_attention_layernorm", "mlp_norm": "pre_feedforward_layernorm",
+                "mlp_post_norm": "post_feedforward_layernorm"}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Growth dims a family (or a config flag of it) cannot grow exactly, and why — shown to the user as is."""
+
+    dims: tuple[str, ...]
+    reason: str
+    when: str | None = None  # config field that must be truthy for the refusal to apply (None: always)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One family.
+
+    tensors: role → tensor name under `layer_prefix` (roles and their spaces: ROLE_SPACES). A role whose tensor
+        a config does not create (Falcon's optional norms, Llama's optional biases) is simply absent from the file.
+    transposed: roles stored as (in, out) — GPT-2's Conv1D — instead of nn.Linear's (out, in).
+    qkv_layout: one of QKV_LAYOUTS (applies to the fused "qkv" role).
+    kv_heads: how the config gives the KV head count — "field" (`num_key_value_heads`), "heads" (always one KV
+        head per query head), or "falcon" (new_decoder_architecture → num_kv_heads; multi_query → 1; else heads).
+    norm: "rms" (x/rms·w), "rms_one_plus" (Gemma: x/rms·(1+w)) or "layer" (LayerNorm with bias); `eps_field`
+        holds its eps — one field for every norm of the model, q/k norms included.
+    qk_norm: "none", "per_head" (over head_dim, one weight shared by the heads: Qwen3, Gemma3; per-head LayerNorms
+        when StableLM's `qk_layernorm` is set) or "full_width" (over heads × head_dim: OLMo2).
+    rope: "full" (rotate-half over head_dim), "partial" (the first `partial_rotary_factor` of each head; the rest
+        passes through), "none" (learned positions: `position_embed`); `alibi_field` names a config flag that
+        swaps RoPE for ALiBi (Falcon).
+    attention_scale: "head_dim" (scores × head_dim^−½) or "query_pre_attn_scalar" (Gemma2/3: a config constant).
+    embed_scale: the model multiplies embeddings by √hidden (Gemma family).
+    tied: the default of `tie_word_embeddings` when config.json does not say.
+    qkv_bias / o_bias / mlp_bias: True, False, or the config field that decides it.
+    sliding: "none", "all" (Mistral: every layer when `sliding_window` is set) or "layer_types" (the config's
+        per-layer list: Qwen2/3, Gemma2/3, OLMo2 may carry one).
+    config_fields: growth dim → the config field that holds it (GPT-2 spells them n_layer, n_head, …).
+    free_head_dim: head_dim is its own config field; otherwise the model derives it as hidden / heads.
+    heads_divide_hidden: the config class rejects hidden % heads ≠ 0 even with a free head_dim.
+    grow_refuses: what `grow` cannot do exactly for this family, as data (see Refusal).
+    """
+
+    model_type: str
+    norm: str
+    eps_field: str
+    tensors: dict = field(default_factory=lambda: dict(STANDARD_LAYER))
+    transposed: tuple[str, ...] = ()
+    qkv_layout: str = "separate"
+    kv_heads: str = "field"
+    qk_norm: str = "none"
+    qk_norm_field: str | None = None  # config flag that switches the q/k norms on (None: always there when qk_norm)
+    rope: str = "full"
+    alibi_field: str | None = None
+    attention_scale: str = "head_dim"
+    embed_scale: bool = False
+    layer_prefix: str = "model.layers.{i}."
+    embed: str = "model.embed_tokens.weight"
+    position_embed: str | None = None
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head.weight"
+    tied: bool = False
+    qkv_bias: bool | str = False
+    o_bias: bool | str = False
+    mlp_bias: bool | str = False
+    sliding: str = "none"
+    config_fields: dict = field(default_factory=dict)
+    free_head_dim: bool = True
+    heads_divide_hidden: bool = False
+    layer_index_scaling_field: str | None = None  # GPT-2: scores ÷ (layer_idx + 1) when this flag is set
+    attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
+    grow_refuses: tuple[Refusal, ...] = ()
+
+    # ── names ──
+    def name(self, layer_idx: int, role: str, kind: str) -> str:
+        return f"{self.layer_prefix.format(i=layer_idx)}{self.tensors[role]}.{kind}"
+
+    @property
+    def attention_prefix(self) -> str:
+        """The attention module's path inside a layer ("self_attn.")."""
+        return self.tensors["o"].rsplit(".", 1)[0] + "."
+
+    def attention_key(self, layer_idx: int, name: str) -> str:
+        return f"{self.layer_prefix.format(i=layer_idx)}{self.attention_prefix}{name}"
+
+    # ── config readings ──
+    def field(self, dim: str) -> str:
+        defaults = {"num_layers": "num_hidden_layers", "intermediate_size": "intermediate_size",
+                    "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+                    "head_dim": "head_dim", "hidden_size": "hidden_size"}
+        return self.config_fields.get(dim, defaults[dim])
+
+    def bias(self, config, which: str) -> bool:
+        value = {"qkv": self.qkv_bias, "o": self.o_bias, "mlp": self.mlp_bias}[which]
+        return bool(getattr(config, value, False)) if isinstance(value, str) else value
+
+    def is_tied(self, config) -> bool:
+        return bool(getattr(config, "tie_word_embeddings", self.tied))
+
+    def num_kv_heads(self, config) -> int:
+        heads = config.num_attention_heads
+        if self.kv_heads == "heads":
+            return heads
+        if self.kv_heads == "falcon":
+            if getattr(config, "new_decoder_architecture", False):
+                return config.num_kv_heads
+            return 1 if getattr(config, "multi_query", True) else heads
+        return getattr(config, self.field("num_key_value_heads"), None) or heads
+
+    def kv_heads_rule(self, config) -> str:
+        """How growth may set the KV heads: "free", "heads" (always = query heads) or "one" (multi-query)."""
+        if self.kv_heads == "falcon" and not getattr(config, "new_decoder_architecture", False):
+            return "one" if getattr(config, "multi_query", True) else "heads"
+        return "heads" if self.kv_heads == "heads" else "free"
+
+    def rope_kind(self, config) -> str:
+        if self.alibi_field and getattr(config, self.alibi_field, False):
+            return "alibi"
+        return self.rope
+
+    def has_qk_norm(self, config) -> bool:
+        return self.qk_norm != "none" and (self.qk_norm_field is None or bool(getattr(config, self.qk_norm_field, False)))
+
+    def refusals(self, config) -> list[Refusal]:
+        """The family's growth refusals that apply to this config."""
+        return [r for r in self.grow_refuses if r.when is None or getattr(config, r.when, False)]
+
+    def layer_types(self, config) -> list[str]:
+        n = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        if self.sliding == "layer_types" and getattr(config, "layer_types", None):
+            return list(config.layer_types)
+        if self.sliding == "all" and window is not None:
+            return ["sliding_attention"] * n
+        return ["full_attention"] * n
+
+
+QK_NORM_EPS = ("its q/k norms share the one {eps} with every other norm, and hidden growth must scale that eps "
+               "by n/n′ (exact for the hidden-size norms, not for the q/k norms)")
+HEAD_DIM_QK_NORM = "its q/k norms normalise over head_dim, so new head dims would change every existing score"
+
+
+def _rms(model_type: str, **kwargs) -> ArchSpec:
+    return ArchSpec(model_type, **{"norm": "rms", "eps_field": "rms_norm_eps", **kwargs})
+
+
+FAMILIES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        _rms("llama", qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias",
+             heads_divide_hidden=True),
+        _rms("mistral", sliding="all"),
+        _rms("qwen2", qkv_bias=True, sliding="layer_types"),
+        _rms("qwen3", tensors={**STANDARD_LAYER, **QK_NORMS}, qk_norm="per_head", qkv_bias="attention_bias",
+             o_bias="attention_bias", sliding="layer_types",
+             grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
+                           Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
+        _rms("gemma", norm="rms_one_plus", embed_scale=True, tied=True),
+        _rms("gemma2", norm="rms_one_plus", tensors=GEMMA2_LAYER, embed_scale=True, tied=True, heads_divide_hidden=True,
+             attention_backend="eager",
+             attention_scale="query_pre_attn_scalar", sliding="layer_types"),
+        _rms("gemma3_text", norm="rms_one_plus", tensors={**GEMMA2_LAYER, **QK_NORMS}, qk_norm="per_head",
+             embed_scale=True, tied=True, attention_scale="query_pre_attn_scalar", sliding="layer_types",
+             heads_divide_hidden=True, grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
+                           Refusal(("head_dim",), HEAD_DIM_QK_NORM))),
+        _rms("olmo2", qk_norm="full_width", sliding="layer_types", free_head_dim=False, qkv_bias="attention_bias",
+             o_bias="attention_bias",
+             tensors={**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,
+                      "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+             grow_refuses=(Refusal(("hidden_size",), QK_NORM_EPS.format(eps="rms_norm_eps")),
+                           Refusal(("num_attention_heads", "head_dim"),
+                                   "its q norm normalises over all heads × head_dim together (and head_dim is "
+                                   "hidden / heads), so new heads or head dims would change the existing scores"))),
+        _rms("phi3", free_head_dim=False, qkv_layout="sequential", rope="partial",
+             tensors={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+                      "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}),
+        ArchSpec("stablelm", norm="layer", eps_field="layer_norm_eps", free_head_dim=False, rope="partial",
+                 qkv_bias="use_qkv_bias",
+                 # per-head LayerNorms (norms.{h}.weight), one per head: kept by name, not grown
+                 qk_norm="per_head", qk_norm_field="qk_layernorm",
+                 grow_refuses=(Refusal(("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"),
+                                       "its per-head q/k norms (qk_layernorm) share the one layer_norm_eps and see "
+                                       "head_dim", when="qk_layernorm"),)),
+        ArchSpec("gpt_neox", norm="layer", eps_field="layer_norm_eps", free_head_dim=False, heads_divide_hidden=True,
+                 qkv_layout="interleaved", kv_heads="heads", rope="partial", qkv_bias="attention_bias",
+                 o_bias="attention_bias", mlp_bias=True,
+                 layer_prefix="gpt_neox.layers.{i}.", embed="gpt_neox.embed_in.weight",
+                 final_norm="gpt_neox.final_layer_norm", lm_head="embed_out.weight",
+                 tensors={"qkv": "attention.query_key_value", "o": "attention.dense", "up": "mlp.dense_h_to_4h",
+                          "down": "mlp.dense_4h_to_h", "attn_norm": "input_layernorm",
+                          "mlp_norm": "post_attention_layernorm"}),
+        ArchSpec("falcon", norm="layer", eps_field="layer_norm_epsilon", free_head_dim=False, heads_divide_hidden=True,
+                 qkv_layout="grouped", kv_heads="falcon", alibi_field="alibi", tied=True, qkv_bias="bias",
+                 o_bias="bias", mlp_bias="bias", layer_prefix="transformer.h.{i}.",
+                 embed="transformer.word_embeddings.weight", final_norm="transformer.ln_f",
+                 config_fields={"intermediate_size": "ffn_hidden_size", "num_key_value_heads": "num_kv_heads"},
+                 # parallel_attn: one input_layernorm feeds both; sequential: input + post_attention;
+                 # new_decoder_architecture with num_ln_in_parallel_attn=2: ln_attn + ln_mlp
+                 tensors={"qkv": "self_attention.query_key_value", "o": "self_attention.dense",
+                          "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h", "attn_norm": "input_layernorm",
+                          "mlp_norm": "post_attention_layernorm", "ln_attn": "ln_attn", "ln_mlp": "ln_mlp"},
+                 grow_refuses=(Refusal(("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"),
+                                       "ALiBi's per-head slopes depend on the head count and its bias is scaled by "
+                                       "head_dim^−½ together with the scores", when="alibi"),)),
+        ArchSpec("gpt2", norm="layer", eps_field="layer_norm_epsilon", free_head_dim=False, qkv_layout="sequential",
+                 kv_heads="heads", rope="none", tied=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+                 layer_prefix="transformer.h.{i}.", embed="transformer.wte.weight",
+                 position_embed="transformer.wpe.weight", final_norm="transformer.ln_f",
+                 transposed=("qkv", "o", "up", "down"), layer_index_scaling_field="scale_attn_by_inverse_layer_idx",
+                 config_fields={"num_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
+                                "intermediate_size": "n_inner"},
+                 tensors={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj",
+                          "attn_norm": "ln_1", "mlp_norm": "ln_2"}),
+    )
+}
+# Which families each command covers (the rest of the table is there for the other commands).
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "convert-diff-transformer": ("llama", "mistral", "qwen2"),
+    "grow": tuple(FAMILIES),
+}
+VERBS = {"convert-diff-transformer": "convert", "grow": "grow"}
+
+
+def spec_for(model_type: str, command: str | None = None) -> ArchSpec:
+    """The family's spec; with `command`, a one-line error naming the families that command covers."""
+    covered = COMMANDS.get(command, tuple(FAMILIES)) if command else tuple(FAMILIES)
+    if model_type not in covered:
+        what = f"{command} supports" if command else "netmorph knows"
+        raise NetmorphError(
+            f"unsupported architecture {model_type!r}: {what} {', '.join(sorted(covered))}; "
+            f"{VERBS.get(command, 'use')} a model of one of these families"
+        )
+    return FAMILIES[model_type]

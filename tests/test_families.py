@@ -1,0 +1,119 @@
+"""The family table (netmorph/arch/families.py) against the stock transformers classes: every tensor a tiny stock
+model of the family *saves* (the names netmorph reads; transformers v5 renames some on save, e.g. GPT-NeoX's
+lm_head → embed_out) is named by the spec, every name the spec gives exists in some variant of the family, and the
+config readings (biases, tied head, KV heads, qk norms, layouts) match what the model builds."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from netmorph.arch import COMMANDS, FAMILIES, ROLE_SPACES, spec_for
+from netmorph.arch.families import QKV_LAYOUTS
+from netmorph.errors import NetmorphError
+from netmorph.ops import grow as ops
+from tests.grow_helpers import MODEL_TYPE, TINY, tiny_config
+
+# Extra variants so every optional tensor of a family shows up somewhere.
+VARIANTS = {
+    "llama": [dict(attention_bias=True, mlp_bias=True)],
+    "stablelm": [dict(qk_layernorm=True, use_qkv_bias=True)],
+    "gpt_neox": [dict(attention_bias=False)],
+    "falcon": [dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)],
+    "olmo2": [dict(attention_bias=True)],
+}
+CASES = [(name, {}) for name in TINY] + [(name, v) for name, variants in VARIANTS.items() for v in variants]
+
+
+def layer_roles(spec, state_dict, layer_idx=0):
+    """role.kind of each tensor of a layer, or the raw suffix when the spec does not name it."""
+    prefix = spec.layer_prefix.format(i=layer_idx)
+    by_name = {f"{suffix}.{kind}": f"{role}.{kind}" for role, suffix in spec.tensors.items() for kind in ("weight", "bias")}
+    return [by_name.get(k[len(prefix):], k[len(prefix):]) for k in state_dict if k.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(model, its tensors as saved to disk) per case."""
+    built = {}
+    for i, (name, overrides) in enumerate(CASES):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides))
+        directory = tmp_path_factory.mktemp(f"family-{i}")
+        model.save_pretrained(directory)
+        built[(name, tuple(sorted(overrides)))] = (model, load_file(str(directory / "model.safetensors")))
+    return built
+
+
+def test_the_table_covers_every_issue_family():
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                             "gpt_neox", "stablelm", "falcon", "gpt2", "olmo2"}
+    for spec in FAMILIES.values():
+        assert spec.qkv_layout in QKV_LAYOUTS and spec.norm in ("rms", "rms_one_plus", "layer")
+        assert set(spec.tensors) <= set(ROLE_SPACES), spec.model_type
+        assert set(spec.transposed) <= set(spec.tensors)
+    assert set(COMMANDS["grow"]) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name, overrides", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_every_stock_tensor_is_named_by_the_spec(models, name, overrides):
+    model, state = models[(name, tuple(sorted(overrides)))]
+    config = model.config
+    spec = FAMILIES[MODEL_TYPE.get(name, name)]
+    assert config.model_type == spec.model_type
+    roles = layer_roles(spec, state)
+    unknown = [r for r in roles if r.split(".")[0] not in spec.tensors]
+    if spec.has_qk_norm(config) and spec.model_type == "stablelm":  # per-head LayerNorms: self_attn.*_layernorm.norms.h
+        unknown = [r for r in unknown if "_layernorm.norms." not in r]
+    assert not unknown, unknown
+    layer_keys = {k for k in state if k.startswith(spec.layer_prefix.split("{")[0])}
+    globals_ = set(state) - layer_keys
+    expected = {spec.embed, f"{spec.final_norm}.weight"} | (set() if spec.is_tied(config) else {spec.lm_head}) | (
+        {f"{spec.final_norm}.bias"} if spec.norm == "layer" else set()) | (
+        {spec.position_embed} if spec.position_embed else set())
+    assert globals_ == expected
+    # config readings agree with what the model built
+    assert spec.is_tied(config) == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    assert ("q.bias" in roles or "qkv.bias" in roles) == spec.bias(config, "qkv")
+    assert ("o.bias" in roles) == spec.bias(config, "o")
+    assert ("up.bias" in roles) == spec.bias(config, "mlp")
+    assert any(r.startswith("q_norm") or "q_layernorm" in r for r in roles) == spec.has_qk_norm(config)
+    # the fused layout, read back through the spec, has the shapes the model's config implies
+    heads, kv = config.num_attention_heads, spec.num_kv_heads(config)
+    head_dim = model.model.layers[0].self_attn.head_dim if hasattr(model, "model") and hasattr(
+        model.model, "layers") else config.hidden_size // heads
+    if "qkv" in spec.tensors:
+        fused = state[spec.name(0, "qkv", "weight")]
+        fused = fused.T if "qkv" in spec.transposed else fused
+        q, k, v = ops.split_qkv(fused, spec.qkv_layout, heads, kv, head_dim)
+        assert q.shape[0] == heads * head_dim and k.shape[0] == v.shape[0] == kv * head_dim
+
+
+def test_optional_roles_appear_in_some_variant(models):
+    """No dead names in the table: every role of every family is a real tensor in one of the tiny variants."""
+    seen = {}
+    for (name, _), (_, state) in models.items():
+        spec = FAMILIES[MODEL_TYPE.get(name, name)]
+        seen.setdefault(spec.model_type, set()).update(r.split(".")[0] for r in layer_roles(spec, state))
+    for model_type, spec in FAMILIES.items():
+        assert set(spec.tensors) <= seen[model_type], (model_type, set(spec.tensors) - seen[model_type])
+
+
+def test_falcon_kv_heads_follow_its_flags(models):
+    spec = FAMILIES["falcon"]
+    assert spec.num_kv_heads(tiny_config("falcon")) == 1 and spec.kv_heads_rule(tiny_config("falcon")) == "one"
+    assert spec.num_kv_heads(tiny_config("falcon_mha")) == 4 and spec.kv_heads_rule(tiny_config("falcon_mha")) == "heads"
+    assert spec.num_kv_heads(tiny_config("falcon_grouped")) == 2
+    assert spec.rope_kind(tiny_config("falcon_alibi")) == "alibi" and spec.rope_kind(tiny_config("falcon")) == "full"
+
+
+@pytest.mark.parametrize("command, words", [
+    (None, "netmorph knows falcon, gemma"),
+    ("grow", "grow supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, "
+             "qwen3, stablelm; grow a model"),
+    ("convert-diff-transformer", "convert-diff-transformer supports llama, mistral, qwen2; convert a model"),
+])
+def test_uncovered_family_lists_the_covered_ones(command, words):
+    with pytest.raises(NetmorphError, match="unsupported architecture 'bloom'") as error:
+        spec_for("bloom", command)
+    assert words in str(error.value)
