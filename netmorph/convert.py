@@ -271,12 +271,13 @@ def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int)
         if out is not None:
             attn[f"o_proj.{kind}"] = out
     for proj in ATTENTION_TENSORS:
-        expected = _expected_shape(proj, config)
-        if tuple(attn[f"{proj}.weight"].shape) != expected:
-            role = "qkv" if "qkv" in spec.tensors and proj != "o_proj" else proj[0]
+        expected, shape = _expected_shape(proj, config), tuple(attn[f"{proj}.weight"].shape)
+        if shape != expected:
+            fused = "qkv" in spec.tensors and proj != "o_proj"
+            what = f"{spec.name(layer_idx, 'qkv', 'weight')} holds a {proj} that" if fused else spec.name(layer_idx, proj[0], "weight")
             raise NetmorphError(
-                f"{spec.name(layer_idx, role, 'weight')} holds a {proj} of shape {tuple(attn[f'{proj}.weight'].shape)} "
-                f"but config.json implies {expected}: the weights and config.json do not belong together"
+                f"{what} has shape {shape} but config.json implies {expected}: "
+                "the weights and config.json do not belong together"
             )
     return attn
 
