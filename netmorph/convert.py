@@ -479,7 +479,7 @@ def convert_diff_transformer(
         if options.verify or options.debug:
             if layerwise:
                 log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
-            report = verify_conversion(source, tmp, options, layerwise=layerwise)
+            report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
             reports.append(report)
             if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
                 raise NetmorphError(

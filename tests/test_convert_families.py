@@ -228,3 +228,15 @@ def test_random_family_configs_convert_exactly(params):
         with torch.no_grad():
             diff = (original(ids, use_cache=False).logits - converted(ids, use_cache=False).logits).abs().max().item()
         assert diff <= TOL, (variant, overrides, mode, diff)
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "falcon"])
+def test_built_in_verification_passes_on_real_text(tmp_path, variant):
+    """The converter's own verification (real text, greedy generation) on a stock family model, on the family's
+    attention backend (Gemma2's stock class has no SDPA path)."""
+    from tests.helpers import save_char_tokenizer
+
+    source = save_char_tokenizer(save_family_model(tmp_path / "src", variant))
+    result = convert(source, tmp_path / "out", verify=True)
+    report = result.reports[0]
+    assert report.max_abs_logit_diff <= TOL and report.generations_match, report.table()
