@@ -152,6 +152,7 @@ def attention_features(config, spec: ArchSpec) -> dict:
         "softcap": getattr(config, "attn_logit_softcapping", None),
         "sliding_windows": [window if kind == "sliding_attention" else None for kind in spec.layer_types(config)],
         "norm_eps": getattr(config, spec.eps_field),
+        "is_causal": not getattr(config, "use_bidirectional_attention", False),
         "attention_dropout": float(getattr(config, spec.attention_dropout_field, 0.0) or 0.0)
         if spec.attention_dropout_field else 0.0,
         "output_dropout": float(getattr(config, spec.output_dropout_field, 0.0) or 0.0)

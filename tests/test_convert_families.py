@@ -81,9 +81,9 @@ def test_exact_conversion_matches_the_stock_model(conversions, variant):
 
 
 @pytest.mark.parametrize("variant", ["gpt_neox", "falcon", "gpt2", "phi3"])
-def test_fused_qkv_is_stored_unfused_and_the_negative_branch_is_live(conversions, variant):
+def test_fused_qkv_is_stored_unfused_and_the_negative_branch_is_live(conversions, variant, tmp_path):
     """Fused projections become q_proj/k_proj/v_proj/o_proj (nn.Linear layout); switching λ on changes the function,
-    so the negative component is wired in."""
+    so the negative component is wired in; the mix survives save_pretrained + reload."""
     source, converted = conversions[variant]
     with safe_open(str(converted / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -99,6 +99,10 @@ def test_fused_qkv_is_stored_unfused_and_the_negative_branch_is_live(conversions
             module.mix.fill_(1.0)
         after = model(ids).logits
     assert (before - after).abs().max().item() > 1e-3
+    model.save_pretrained(tmp_path / "resaved")
+    with torch.no_grad():
+        reloaded = load(tmp_path / "resaved", "eager")(ids).logits
+    assert torch.equal(reloaded, after)
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gpt2"])
