@@ -29,7 +29,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                    head_dim=8, query_pre_attn_scalar=12, sliding_window=WINDOW,
                                    layer_types=ALTERNATING)),
     "phi3": ("Phi3", dict(hidden_size=48, intermediate_size=56, num_attention_heads=6, num_key_value_heads=2,
-                          partial_rotary_factor=0.5, tie_word_embeddings=False)),
+                          partial_rotary_factor=0.5, sliding_window=WINDOW, tie_word_embeddings=False)),
     "gpt_neox": ("GPTNeoX", dict(hidden_size=32, intermediate_size=56, num_attention_heads=4, rotary_pct=0.25,
                                  use_parallel_residual=True)),
     "stablelm": ("StableLm", dict(hidden_size=32, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,

@@ -86,7 +86,7 @@ class ArchSpec:
     embed_scale: the model multiplies embeddings by √hidden (Gemma family).
     tied: the default of `tie_word_embeddings` when config.json does not say.
     qkv_bias / o_bias / mlp_bias: True, False, or the config field that decides it.
-    sliding: "none", "all" (Mistral: every layer when `sliding_window` is set) or "layer_types" (the config's
+    sliding: "none", "all" (Mistral, Phi-3: every layer when `sliding_window` is set) or "layer_types" (the config's
         per-layer list: Qwen2/3, Gemma2/3, OLMo2 may carry one).
     config_fields: growth dim → the config field that holds it (GPT-2 spells them n_layer, n_head, …).
     free_head_dim: head_dim is its own config field; otherwise the model derives it as hidden / heads.
@@ -240,7 +240,7 @@ FAMILIES: dict[str, ArchSpec] = {
                            Refusal(("num_attention_heads", "head_dim"),
                                    "its q norm normalises over all heads × head_dim together (and head_dim is "
                                    "hidden / heads), so new heads or head dims would change the existing scores"))),
-        _rms("phi3", free_head_dim=False, qkv_layout="sequential", rope="partial",
+        _rms("phi3", free_head_dim=False, qkv_layout="sequential", rope="partial", sliding="all",
              tensors={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
                       "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}),
         ArchSpec("stablelm", norm="layer", eps_field="layer_norm_eps", free_head_dim=False, rope="partial",
