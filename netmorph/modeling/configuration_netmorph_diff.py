@@ -108,7 +108,7 @@ def family_config_class(stock_class: type, source_model_type: str) -> type:
         source_model_type: the family.
     """
     name = f"NetmorphDiff{stock_class.__name__}"
-    attributes = {"model_type": f"netmorph_diff_{source_model_type}", "source_model_type_default": source_model_type,
+    attributes = {"model_type": f"netmorph_diff_{source_model_type}", "source_family": source_model_type,
                   "__module__": __name__, "__qualname__": name}
     return type(name, (stock_class,), attributes)
 

@@ -567,7 +567,7 @@ NetmorphDiffOlmo2ForCausalLM = family_model_class(NetmorphDiffOlmo2Config, trans
 
 # source model_type → the converted model's class
 FAMILY_MODELS = {
-    cls.config_class.source_model_type_default: cls
+    cls.config_class.source_family: cls
     for cls in (
         NetmorphDiffQwen3ForCausalLM, NetmorphDiffGemmaForCausalLM, NetmorphDiffGemma2ForCausalLM,
         NetmorphDiffGemma3ForCausalLM, NetmorphDiffPhi3ForCausalLM, NetmorphDiffGPTNeoXForCausalLM,
