@@ -8,11 +8,14 @@ def _register_auto_classes() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
-    from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM, NetmorphDiffModel
+    from netmorph.modeling.modeling_netmorph_diff import FAMILY_MODELS, NetmorphDiffForCausalLM, NetmorphDiffModel
 
     AutoConfig.register(NetmorphDiffConfig.model_type, NetmorphDiffConfig, exist_ok=True)
     AutoModel.register(NetmorphDiffConfig, NetmorphDiffModel, exist_ok=True)
     AutoModelForCausalLM.register(NetmorphDiffConfig, NetmorphDiffForCausalLM, exist_ok=True)
+    for model_class in FAMILY_MODELS.values():  # the other families: stock model, differential attention
+        AutoConfig.register(model_class.config_class.model_type, model_class.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(model_class.config_class, model_class, exist_ok=True)
 
 
 _register_auto_classes()

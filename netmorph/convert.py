@@ -15,6 +15,7 @@ from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, Tens
 from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
+from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_text_files, default_texts, resolve_source
@@ -31,6 +32,14 @@ AUTO_MAP = {
 }
 AXOLOTL_PLUGIN = "netmorph.integrations.axolotl.DifferentialTransformerPlugin"
 ATTENTION_TENSORS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Families converted to netmorph's own Llama-style model (model_type "netmorph_diff"); every other family keeps its
+# stock transformers model with differential attention modules (model_type "netmorph_diff_<family>").
+LLAMA_STYLE = ("llama", "mistral", "qwen2")
+# The attention roles of a family spec whose tensors the conversion rewrites; every other tensor passes through.
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
+# Source config entries that describe the file rather than the model: the converted config sets its own.
+FILE_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
+                    "_name_or_path")
 
 MODE_NOTES = {
     "normal": "negative q/k: small zero-mean normal. Exact while mix = 0; the warm-up of `mix` brings the negative "
@@ -55,15 +64,35 @@ class ConversionResult:
     reports: list[VerifyReport] = field(default_factory=list)
 
 
-def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype: torch.dtype) -> NetmorphDiffConfig:
-    c = source_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    num_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    if options.split_heads and (c.num_attention_heads % 2 or num_kv % 2):
+def head_counts(config, spec: ArchSpec) -> tuple[int, int, int]:
+    """(query heads H, KV heads G, head_dim d) of a source config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, spec.num_kv_heads(config), head_dim
+
+
+def check_convertible(config, spec: ArchSpec, options: ConvertOptions) -> None:
+    heads, num_kv, _ = head_counts(config, spec)
+    if options.split_heads and (heads % 2 or num_kv % 2):
         raise NetmorphError(
-            f"--split-heads needs even head counts, but the model has {c.num_attention_heads} query and {num_kv} KV "
+            f"--split-heads needs even head counts, but the model has {heads} query and {num_kv} KV "
             "heads: drop --split-heads to use the doubled-heads layout"
         )
+    if spec.rope_kind(config) == "alibi":
+        raise NetmorphError(
+            f"this {spec.model_type} model uses ALiBi position biases (config {spec.alibi_field}=true), which "
+            "convert-diff-transformer does not carry into differential attention: convert a RoPE model of the family"
+        )
+
+
+def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype: torch.dtype):
+    """The converted model's config: `NetmorphDiffConfig` for the Llama-style families, the family's own config
+    class under model_type "netmorph_diff_<family>" for the others."""
+    check_convertible(source_config, spec, options)
+    if spec.model_type not in LLAMA_STYLE:
+        return family_target_config(source_config, spec, options, dtype)
+    c = source_config
+    _, num_kv, head_dim = head_counts(c, spec)
     layer_types = spec.layer_types(c)
     return NetmorphDiffConfig(
         vocab_size=c.vocab_size,
@@ -98,10 +127,71 @@ def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype:
     )
 
 
-def _expected_shape(name: str, config: NetmorphDiffConfig) -> tuple[int, ...]:
-    d, hidden = config.head_dim, config.hidden_size
-    rows = {"q_proj": config.num_attention_heads * d, "o_proj": hidden}.get(name, config.num_key_value_heads * d)
-    return (rows, config.num_attention_heads * d if name == "o_proj" else hidden)
+def attention_features(config, spec: ArchSpec) -> dict:
+    """The data the differential attention of a stock-family model reads (modeling_netmorph_diff.AttentionFeatures
+    and install_differential_attention), from the source config and the family spec."""
+    heads, num_kv, head_dim = head_counts(config, spec)
+    layers = range(config.num_hidden_layers)
+    if spec.attention_scale == "query_pre_attn_scalar":
+        base_scale = config.query_pre_attn_scalar**-0.5
+    else:
+        base_scale = head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+    by_layer_index = bool(spec.layer_index_scaling_field and getattr(config, spec.layer_index_scaling_field, False))
+    window = getattr(config, "sliding_window", None)
+    return {
+        "layers": spec.layer_prefix.removesuffix(".{i}."),
+        "attention": spec.attention_prefix.removesuffix("."),
+        "qk_norms": list(spec.qk_norm_modules) if spec.has_qk_norm(config) else [],
+        "qk_norm": spec.qk_norm if spec.has_qk_norm(config) else "none",
+        "num_heads": heads,
+        "num_key_value_heads": num_kv,
+        "head_dim": head_dim,
+        "qkv_bias": spec.bias(config, "qkv"),
+        "o_bias": spec.bias(config, "o"),
+        "scaling": [base_scale / (i + 1) if by_layer_index else base_scale for i in layers],
+        "softcap": getattr(config, "attn_logit_softcapping", None),
+        "sliding_windows": [window if kind == "sliding_attention" else None for kind in spec.layer_types(config)],
+        "norm_eps": getattr(config, spec.eps_field),
+        "is_causal": not getattr(config, "use_bidirectional_attention", False),
+        "attention_dropout": float(getattr(config, spec.attention_dropout_field, 0.0) or 0.0)
+        if spec.attention_dropout_field else 0.0,
+        "output_dropout": float(getattr(config, spec.output_dropout_field, 0.0) or 0.0)
+        if spec.output_dropout_field else 0.0,
+    }
+
+
+def family_target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype: torch.dtype):
+    from netmorph.modeling.modeling_netmorph_diff import FAMILY_MODELS
+
+    model_class = FAMILY_MODELS[spec.model_type]
+    config_class = model_class.config_class
+    values = {k: v for k, v in source_config.to_dict().items() if k not in FILE_CONFIG_KEYS}
+    return config_class(
+        **values,
+        diff_layout="split" if options.split_heads else "doubled",
+        sublayer_norm=options.sublayer_norm,
+        lambda_std=options.lambda_std,
+        source_model_type=spec.model_type,
+        diff_attention=attention_features(source_config, spec),
+        architectures=[model_class.__name__],
+        auto_map={"AutoConfig": f"configuration_netmorph_diff.{config_class.__name__}",
+                  "AutoModelForCausalLM": f"modeling_netmorph_diff.{model_class.__name__}"},
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def converted_shapes(config) -> tuple[int, int, int, int]:
+    """(H, G, d, hidden) of a converted config of either kind."""
+    data = getattr(config, "diff_attention", None)
+    if data:
+        return data["num_heads"], data["num_key_value_heads"], data["head_dim"], config.hidden_size
+    return config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+
+
+def _expected_shape(name: str, config) -> tuple[int, ...]:
+    heads, num_kv, d, hidden = converted_shapes(config)
+    rows = {"q_proj": heads * d, "o_proj": hidden}.get(name, num_kv * d)
+    return (rows, heads * d if name == "o_proj" else hidden)
 
 
 def convert_tensors(
@@ -115,18 +205,20 @@ def convert_tensors(
     """Stream every tensor of the source to the writer (anything with `add(name, tensor)`), converting each layer's
     attention on the way. Run on a `MetaReader` into a `PlanRecorder` it yields the output plan."""
     attention_names = {
-        spec.attention_key(i, f"{proj}.{kind}"): i
+        spec.name(i, role, kind): i
         for i in range(config.num_hidden_layers)
-        for proj in ATTENTION_TENSORS
+        for role in ATTENTION_ROLES
+        if role in spec.tensors
         for kind in ("weight", "bias")
     }
     done_layers = set()
     for name in reader.keys():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        name_out = spec.module_name(name)
+        if name_out == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied to the embedding: transformers rebuilds it at load time
         layer_idx = attention_names.get(name)
         if layer_idx is None:
-            pass_through(reader, writer, name)
+            pass_through(reader, writer, name, name_out)
             continue
         if layer_idx in done_layers:
             continue
@@ -138,38 +230,67 @@ def convert_tensors(
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
 
 
-def pass_through(reader: TensorReader, writer, name: str) -> None:
-    """A tensor the conversion keeps as it is: checked to be finite, then copied file to file by the kernel when the
-    reader knows where its bytes lie and the writer can copy (a `StreamingWriter`), else written and dropped."""
+def pass_through(reader: TensorReader, writer, name: str, name_out: str | None = None) -> None:
+    """A tensor the conversion keeps as it is (stored as `name_out`, by default its own name): checked to be finite,
+    then copied file to file by the kernel when the reader knows where its bytes lie and the writer can copy (a
+    `StreamingWriter`), else written and dropped."""
+    name_out = name_out or name
     location = reader.file_range(name)
     if location is not None and hasattr(writer, "add_file_range"):
         reader.get(name)  # every input tensor is checked to be finite; the read also warms the page cache for the copy
-        writer.add_file_range(name, reader.describe(name), *location)
+        writer.add_file_range(name_out, reader.describe(name), *location)
     else:
-        writer.add(name, reader.get(name))
+        writer.add(name_out, reader.get(name))
+
+
+def read_role(reader: TensorReader, spec: ArchSpec, layer_idx: int, role: str, kind: str) -> torch.Tensor | None:
+    """One attention tensor of the source in nn.Linear layout ([out, in]; GPT-2's Conv1D is stored [in, out])."""
+    key = spec.name(layer_idx, role, kind)
+    if key not in reader:
+        if kind == "weight":
+            raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
+        return None
+    tensor = reader.get(key)
+    return tensor.T.contiguous() if kind == "weight" and role in spec.transposed else tensor
+
+
+def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int) -> dict[str, torch.Tensor]:
+    """One layer's attention as separate {q,k,v,o}_proj.{weight,bias} in nn.Linear layout: a fused QKV tensor is
+    split by its layout (netmorph/ops/qkv_layout.py), so every family converts through the same function."""
+    heads, num_kv, _, _ = converted_shapes(config)
+    attn = {}
+    for kind in ("weight", "bias"):
+        if "qkv" in spec.tensors:
+            fused = read_role(reader, spec, layer_idx, "qkv", kind)
+            parts = None if fused is None else qkv_layout.split(fused, spec.qkv_layout, qkv_layout.Heads(heads, num_kv))
+        else:
+            parts = [read_role(reader, spec, layer_idx, role, kind) for role in ("q", "k", "v")]
+        for proj, tensor in zip(("q_proj", "k_proj", "v_proj"), parts or (None,) * 3):
+            if tensor is not None:
+                attn[f"{proj}.{kind}"] = tensor
+        out = read_role(reader, spec, layer_idx, "o", kind)
+        if out is not None:
+            attn[f"o_proj.{kind}"] = out
+    for proj in ATTENTION_TENSORS:
+        expected, shape = _expected_shape(proj, config), tuple(attn[f"{proj}.weight"].shape)
+        if shape != expected:
+            fused = "qkv" in spec.tensors and proj != "o_proj"
+            what = f"{spec.name(layer_idx, 'qkv', 'weight')} holds a {proj} that" if fused else spec.name(layer_idx, proj[0], "weight")
+            raise NetmorphError(
+                f"{what} has shape {shape} but config.json implies {expected}: "
+                "the weights and config.json do not belong together"
+            )
+    return attn
 
 
 def convert_layer(
-    reader: TensorReader, config: NetmorphDiffConfig, spec: ArchSpec, recipe: DiffAttentionRecipe, layer_idx: int, seed: int
+    reader: TensorReader, config, spec: ArchSpec, recipe: DiffAttentionRecipe, layer_idx: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    attn = {}
-    for proj in ATTENTION_TENSORS:
-        key = spec.attention_key(layer_idx, f"{proj}.weight")
-        if key not in reader:
-            raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
-        attn[f"{proj}.weight"] = reader.get(key)
-        expected = _expected_shape(proj, config)
-        if tuple(attn[f"{proj}.weight"].shape) != expected:
-            raise NetmorphError(
-                f"{key} has shape {tuple(attn[f'{proj}.weight'].shape)} but config.json implies {expected}: "
-                "the weights and config.json do not belong together"
-            )
-        bias_key = spec.attention_key(layer_idx, f"{proj}.bias")
-        if bias_key in reader:
-            attn[f"{proj}.bias"] = reader.get(bias_key)
+    attn = read_attention(reader, config, spec, layer_idx)
+    heads, _, head_dim, _ = converted_shapes(config)
     # One generator per layer: the bytes of a layer do not depend on which other layers exist or their order.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
-    converted = convert_attention_tensors(attn, layer_idx, config.num_attention_heads, config.head_dim, recipe, generator)
+    converted = convert_attention_tensors(attn, layer_idx, heads, head_dim, recipe, generator)
     log.debug("layer %d: attention → differential (%s layout, negative init %s)", layer_idx, recipe.layout, recipe.negative_init)
     return {spec.attention_key(layer_idx, name): tensor for name, tensor in converted.items()}
 
@@ -275,9 +396,18 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
 FULL_VERIFY_MEMORY_SHARE = 0.5
 
 
-def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec]) -> bool:
+def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec],
+                         model_type: str = "llama") -> bool:
     """Layer-wise when asked, or ("auto") when two fp32 models would not fit comfortably in available memory.
-    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already)."""
+    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already), and only
+    Llama-style models (the layer-wise runner feeds raw embeddings to `model.layers` and ends with `model.norm`)."""
+    if model_type not in LLAMA_STYLE:
+        if options.verify_mode == "layerwise":
+            raise NetmorphError(
+                f"--verify-mode layerwise supports {', '.join(LLAMA_STYLE)} models, not {model_type}: "
+                "use --verify-mode full"
+            )
+        return False
     if options.verify_mode == "full" or not isinstance(reader, SafetensorsReader):
         return False
     if options.verify_mode == "layerwise":
@@ -297,9 +427,10 @@ def verify_conversion(source: Source, directory: Path, options: ConvertOptions, 
         return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
                                  attn_implementation=attn_implementation,
                                  trust_remote_code=options.trust_remote_code, progress=options.progress)
-    from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM
+    from netmorph.modeling.modeling_netmorph_diff import FAMILY_MODELS, NetmorphDiffForCausalLM
 
-    converted = NetmorphDiffForCausalLM.from_pretrained(
+    model_class = FAMILY_MODELS.get(source.config.model_type, NetmorphDiffForCausalLM)
+    converted = model_class.from_pretrained(
         str(directory), dtype=torch.float32, attn_implementation=attn_implementation
     ).eval()
     original = source.load_model(attn_implementation)
@@ -328,7 +459,7 @@ def convert_diff_transformer(
     # The whole conversion on meta tensors first: every output name, shape and dtype, with no data.
     plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe, recorder, options.seed))
     plan_bytes = sum(tensor.nbytes for tensor in plan)
-    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan)
+    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan, spec.model_type)
     log.info("converting %s (%s, %d layers) → %s", source.description, spec.model_type, config.num_hidden_layers, output_dir)
 
     with atomic_output_dir(output_dir) as tmp:
@@ -349,7 +480,7 @@ def convert_diff_transformer(
         if options.verify or options.debug:
             if layerwise:
                 log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
-            report = verify_conversion(source, tmp, options, layerwise=layerwise)
+            report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
             reports.append(report)
             if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
                 raise NetmorphError(

@@ -267,15 +267,34 @@ def inf_weight(case):
     return [CONVERT, case.src, "-o", case.out]
 
 
-@row("unsupported architecture (GPT-2)",
-     "unsupported architecture 'gpt2': convert-diff-transformer supports llama, mistral, qwen2; convert a model of one "
-     "of these families")
+@row("unsupported architecture (Bloom)",
+     "unsupported architecture 'bloom': convert-diff-transformer supports falcon, gemma, gemma2, gemma3_text, gpt2, "
+     "gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3, stablelm; convert a model of one of these families")
 def unsupported_architecture(case):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    case.src = case.tmp / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(case.src)
+    case.src = case.tmp / "bloom"
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(case.src)
     return [CONVERT, case.src, "-o", case.out]
+
+
+@row("Falcon with ALiBi position biases",
+     "this falcon model uses ALiBi position biases (config alibi=true), which convert-diff-transformer does not carry "
+     "into differential attention: convert a RoPE model of the family")
+def alibi_falcon(case):
+    from tests.family_models import save_family_model
+
+    case.src = save_family_model(case.tmp / "falcon", "falcon-mha", alibi=True)
+    return [CONVERT, case.src, "-o", case.out]
+
+
+@row("`--verify-mode layerwise` on a family other than Llama/Mistral/Qwen2",
+     "--verify-mode layerwise supports llama, mistral, qwen2 models, not qwen3: use --verify-mode full")
+def layerwise_other_family(case):
+    from tests.family_models import save_family_model
+
+    case.src = save_family_model(case.tmp / "qwen3", "qwen3")
+    return [CONVERT, case.src, "-o", case.out, "--verify-mode", "layerwise"]
 
 
 @row("`--split-heads` with odd head counts (9 query / 3 KV)",

@@ -111,7 +111,8 @@ def test_falcon_kv_heads_follow_its_flags(models):
     (None, "netmorph knows falcon, gemma"),
     ("grow", "grow supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, "
              "qwen3, stablelm; grow a model"),
-    ("convert-diff-transformer", "convert-diff-transformer supports llama, mistral, qwen2; convert a model"),
+    ("convert-diff-transformer", "convert-diff-transformer supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, "
+                                 "llama, mistral, olmo2, phi3, qwen2, qwen3, stablelm; convert a model"),
 ])
 def test_uncovered_family_lists_the_covered_ones(command, words):
     with pytest.raises(NetmorphError, match="unsupported architecture 'bloom'") as error:

@@ -126,6 +126,22 @@ class ArchSpec:
     hidden_growth: str = "fill"  # "fill" (zero/mean-fill, eps × n/n′) or "copies" (whole multiples, eps kept)
     attention_backend: str = "sdpa"  # the backend verification runs on (Gemma2's stock class has no sdpa path)
     grow_refuses: tuple[Refusal, ...] = ()
+    # convert-diff-transformer: the attribute names of the q/k norm modules inside the attention module, which
+    # move into the differential attention unchanged; and the config fields of the attention's dropouts (on the
+    # attention probabilities, and on the output after the out projection — GPT-2's resid_pdrop).
+    qk_norm_modules: tuple[str, str] = ("q_norm", "k_norm")
+    attention_dropout_field: str | None = "attention_dropout"
+    output_dropout_field: str | None = None
+    # Tensor-name prefixes transformers renames when it loads the stock class (GPT-NeoX stores lm_head as
+    # embed_out): a converted checkpoint, loaded as a new class, stores the module names.
+    module_renames: dict = field(default_factory=dict)
+
+    def module_name(self, name: str) -> str:
+        """The module path of a stored tensor name."""
+        for old, new in self.module_renames.items():
+            if name.startswith(old):
+                return new + name.removeprefix(old)
+        return name
 
     # ── names ──
     def name(self, layer_idx: int, role: str, kind: str) -> str:
@@ -231,7 +247,7 @@ FAMILIES: dict[str, ArchSpec] = {
         ArchSpec("stablelm", norm="layer", eps_field="layer_norm_eps", free_head_dim=False, rope="partial",
                  qkv_bias="use_qkv_bias",
                  # per-head LayerNorms (norms.{h}.weight), one per head: kept by name, not grown
-                 qk_norm="per_head", qk_norm_field="qk_layernorm",
+                 qk_norm="per_head", qk_norm_field="qk_layernorm", qk_norm_modules=("q_layernorm", "k_layernorm"),
                  grow_refuses=(Refusal(("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"),
                                        "its per-head q/k norms (qk_layernorm) share the one layer_norm_eps and see "
                                        "head_dim", when="qk_layernorm"),)),
@@ -240,11 +256,13 @@ FAMILIES: dict[str, ArchSpec] = {
                  o_bias="attention_bias", mlp_bias=True,
                  layer_prefix="gpt_neox.layers.{i}.", embed="gpt_neox.embed_in.weight",
                  final_norm="gpt_neox.final_layer_norm", lm_head="embed_out.weight",
+                 module_renames={"embed_out.": "lm_head."},
                  tensors={"qkv": "attention.query_key_value", "o": "attention.dense", "up": "mlp.dense_h_to_4h",
                           "down": "mlp.dense_4h_to_h", "attn_norm": "input_layernorm",
                           "mlp_norm": "post_attention_layernorm"}),
         ArchSpec("falcon", norm="layer", eps_field="layer_norm_epsilon", free_head_dim=False, heads_divide_hidden=True,
                  qkv_layout="grouped", kv_heads="falcon", alibi_field="alibi", tied=True, qkv_bias="bias",
+                 attention_dropout_field=None,
                  o_bias="bias", mlp_bias="bias", layer_prefix="transformer.h.{i}.",
                  embed="transformer.word_embeddings.weight", final_norm="transformer.ln_f",
                  config_fields={"intermediate_size": "ffn_hidden_size", "num_key_value_heads": "num_kv_heads"},
@@ -261,6 +279,7 @@ FAMILIES: dict[str, ArchSpec] = {
                  layer_prefix="transformer.h.{i}.", embed="transformer.wte.weight",
                  position_embed="transformer.wpe.weight", final_norm="transformer.ln_f",
                  transposed=("qkv", "o", "up", "down"), layer_index_scaling_field="scale_attn_by_inverse_layer_idx",
+                 attention_dropout_field="attn_pdrop", output_dropout_field="resid_pdrop",
                  config_fields={"num_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
                                 "intermediate_size": "n_inner"},
                  tensors={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj",
@@ -269,7 +288,7 @@ FAMILIES: dict[str, ArchSpec] = {
 }
 # Which families each command covers (the rest of the table is there for the other commands).
 COMMANDS: dict[str, tuple[str, ...]] = {
-    "convert-diff-transformer": ("llama", "mistral", "qwen2"),
+    "convert-diff-transformer": tuple(FAMILIES),
     "grow": tuple(FAMILIES),
     "qkv-layout": tuple(FAMILIES),
 }

@@ -4,6 +4,7 @@ Self-contained (imports only transformers): netmorph copies this file next to ev
 `AutoConfig.from_pretrained(dir, trust_remote_code=True)` works without netmorph installed.
 """
 
+import transformers
 from transformers import PretrainedConfig
 
 DIFF_LAYOUTS = ("doubled", "split")
@@ -94,3 +95,31 @@ class NetmorphDiffConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+
+def family_config_class(stock_class: type, source_model_type: str) -> type:
+    """`NetmorphDiff<Family>Config`: the stock config class of a family under model_type
+    "netmorph_diff_<family>", so the stock modeling code reads every field it knows, plus the differential fields
+    (stored as extra config attributes):
+
+        diff_layout, sublayer_norm, lambda_std: as in `NetmorphDiffConfig`.
+        diff_attention: the attention features per layer, written by the converter — see
+            modeling_netmorph_diff.AttentionFeatures and install_differential_attention.
+        source_model_type: the family.
+    """
+    name = f"NetmorphDiff{stock_class.__name__}"
+    attributes = {"model_type": f"netmorph_diff_{source_model_type}", "source_family": source_model_type,
+                  "__module__": __name__, "__qualname__": name}
+    return type(name, (stock_class,), attributes)
+
+
+NetmorphDiffQwen3Config = family_config_class(transformers.Qwen3Config, "qwen3")
+NetmorphDiffGemmaConfig = family_config_class(transformers.GemmaConfig, "gemma")
+NetmorphDiffGemma2Config = family_config_class(transformers.Gemma2Config, "gemma2")
+NetmorphDiffGemma3TextConfig = family_config_class(transformers.Gemma3TextConfig, "gemma3_text")
+NetmorphDiffPhi3Config = family_config_class(transformers.Phi3Config, "phi3")
+NetmorphDiffGPTNeoXConfig = family_config_class(transformers.GPTNeoXConfig, "gpt_neox")
+NetmorphDiffStableLmConfig = family_config_class(transformers.StableLmConfig, "stablelm")
+NetmorphDiffFalconConfig = family_config_class(transformers.FalconConfig, "falcon")
+NetmorphDiffGPT2Config = family_config_class(transformers.GPT2Config, "gpt2")
+NetmorphDiffOlmo2Config = family_config_class(transformers.Olmo2Config, "olmo2")

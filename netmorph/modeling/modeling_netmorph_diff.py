@@ -1,14 +1,26 @@
-"""A Llama-family causal LM whose attention is differential attention (Ye et al. 2024, "Differential Transformer").
+"""Causal LMs whose attention is differential attention (Ye et al. 2024, "Differential Transformer").
 
 Self-contained (imports only torch and transformers): netmorph copies this file and its configuration next to every
 converted checkpoint, with `auto_map` in config.json, so `AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)` works on a machine without netmorph.
 
-Per differential head:  out = (softmax(Q1 K1ᵀ/√d) − λ · softmax(Q2 K2ᵀ/√d)) · V
+Per differential head:  out = (softmax(Q1 K1ᵀ·s) − λ · softmax(Q2 K2ᵀ·s)) · V
 with                    λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init)
 
 `mix` and `lambda_init` are persistent buffers, so a checkpoint saved during a λ warm-up reloads with the same λ.
 A freshly converted checkpoint has mix = 0, where the layer computes exactly the original attention.
+
+Two kinds of model share one attention module, `NetmorphDiffAttention`:
+
+- `NetmorphDiffForCausalLM` (model_type "netmorph_diff"): a self-contained Llama-style decoder for the Llama
+  family (Llama, Mistral, Qwen2), with netmorph's own mask handling (see `NetmorphDiffModel.forward`).
+- `NetmorphDiff<Family>ForCausalLM` (model_type "netmorph_diff_<family>"): the stock transformers model of the
+  family (Qwen3, Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, Falcon, GPT-2, OLMo2) — its embeddings, norms, MLPs,
+  residual wiring, positions and masks unchanged — with each layer's attention module replaced by
+  `NetmorphDiffAttention`. What differs between families inside attention is data (`AttentionFeatures`, written
+  by the converter into `config.diff_attention`): biases, q/k norms, scaling, logit soft-capping, sliding windows.
+  Fused q/k/v projections (Phi-3, GPT-NeoX, Falcon, GPT-2's Conv1D) are stored unfused (q_proj / k_proj / v_proj /
+  o_proj, nn.Linear layout) so every family has one differential layout.
 
 Notation in shape comments: B batch, T query length, S key length, H query heads of the source model, G its KV heads,
 d head_dim.
@@ -16,8 +28,10 @@ d head_dim.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -30,23 +44,113 @@ from transformers.masking_utils import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .configuration_netmorph_diff import NetmorphDiffConfig
+from .configuration_netmorph_diff import (
+    NetmorphDiffConfig,
+    NetmorphDiffFalconConfig,
+    NetmorphDiffGemma2Config,
+    NetmorphDiffGemma3TextConfig,
+    NetmorphDiffGemmaConfig,
+    NetmorphDiffGPT2Config,
+    NetmorphDiffGPTNeoXConfig,
+    NetmorphDiffOlmo2Config,
+    NetmorphDiffPhi3Config,
+    NetmorphDiffQwen3Config,
+    NetmorphDiffStableLmConfig,
+)
 
 # Backends that accept a value head dim different from the q/k head dim in a single call.
 _WIDE_VALUE_BACKENDS = ("eager", "sdpa")
+# Keyword arguments some stock decoder layers pass to their attention that attention functions do not take.
+_LAYER_ONLY_KWARGS = ("use_cache", "output_attentions", "alibi", "encoder_hidden_states", "encoder_attention_mask")
 
 
 def paper_lambda_init(layer_idx: int) -> float:
     """λ_init of the paper for a 0-based layer index: 0.8 − 0.6·exp(−0.3·layer_idx)."""
     return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF/NeoX pairing) on the first cos.shape[-1] dims of each head of x (B, heads, T, d); the
+    rest passes through. Full rotary (Llama) and partial rotary (GPT-NeoX, StableLM, Phi-3) are the same function:
+    the family's rotary embedding decides the width."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return (x * cos) + (rotate_half(x) * sin)
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+    """Explicit attention: (B, heads, T, d) query against (B, G, S, d) key/value → (B, T, heads, value_dim).
+    `softcap` is Gemma2's logit soft-capping (scores → c·tanh(scores / c) before the mask)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        attn_weights = torch.tanh(attn_weights / softcap) * softcap
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+@dataclass(frozen=True)
+class AttentionFeatures:
+    """What one layer's attention does besides q/k/v/o projections and softmax, as data.
+
+    qk_norm: "none"; "per_head" (a norm over head_dim, applied to (B, heads, T, d): Qwen3, Gemma3, StableLM's
+        per-head LayerNorms); "full_width" (a norm over the whole projection, before the split into heads: OLMo2).
+        The norm modules are the family's own, taken over from the stock attention; in the doubled layout the
+        positive and the negative component each pass through them separately, shaped like the source's q/k.
+    scaling: the factor on q·k (head_dim^−½; Gemma2/3: query_pre_attn_scalar^−½; GPT-2 may divide by layer + 1).
+    softcap: logit soft-capping (Gemma2/3 attn_logit_softcapping), None for none.
+    output_dropout: dropout on the attention output after o_proj (GPT-2's resid_pdrop).
+    """
+
+    num_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    scaling: float
+    norm_eps: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+    qk_norm: str = "none"
+    attention_dropout: float = 0.0
+    output_dropout: float = 0.0
+    is_causal: bool = True
+
+    @classmethod
+    def of_layer(cls, config, layer_idx: int) -> "AttentionFeatures":
+        data = getattr(config, "diff_attention", None)
+        if data:  # a family model: the converter wrote the features, per layer where they vary
+            return cls(
+                num_heads=data["num_heads"], num_key_value_heads=data["num_key_value_heads"],
+                head_dim=data["head_dim"], qkv_bias=data["qkv_bias"], o_bias=data["o_bias"],
+                scaling=data["scaling"][layer_idx], norm_eps=data["norm_eps"],
+                sliding_window=data["sliding_windows"][layer_idx], softcap=data.get("softcap"),
+                qk_norm=data.get("qk_norm", "none"), attention_dropout=data.get("attention_dropout", 0.0),
+                output_dropout=data.get("output_dropout", 0.0), is_causal=data.get("is_causal", True),
+            )
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        return cls(
+            num_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim, qkv_bias=config.qkv_bias, o_bias=config.o_bias,
+            scaling=config.head_dim**-0.5, norm_eps=config.rms_norm_eps,
+            sliding_window=config.sliding_window if sliding else None, attention_dropout=config.attention_dropout,
+        )
 
 
 class NetmorphDiffAttention(nn.Module):
@@ -56,28 +160,36 @@ class NetmorphDiffAttention(nn.Module):
     (the source model's q/k), the rest the negative one. The cache holds 2G key heads and G value heads.
     "split" layout: q_proj/k_proj keep H/G heads; the first half is positive, the second half negative, and the
     H/2 differential heads read the concatenation of the two value halves (value dim 2d).
+
+    `qk_norms`: the family's q and k norm modules (by their attribute names in the stock attention, so their
+    tensors keep their names), when `features.qk_norm` is not "none".
     """
 
-    def __init__(self, config: NetmorphDiffConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int, qk_norms: dict[str, nn.Module] | None = None):
         super().__init__()
+        features = AttentionFeatures.of_layer(config, layer_idx)
         self.config = config
+        self.features = features
         self.layer_idx = layer_idx
         self.layout = config.diff_layout
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = features.head_dim
+        self.num_heads = features.num_heads
+        self.num_key_value_heads = features.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        self.scaling = features.scaling
+        self.attention_dropout = features.attention_dropout
+        self.is_causal = features.is_causal
+        self.sliding_window = features.sliding_window
 
         qk_factor = 2 if self.layout == "doubled" else 1
         hidden, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(hidden, qk_factor * self.num_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, qk_factor * self.num_key_value_heads * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=config.o_bias)
+        self.q_proj = nn.Linear(hidden, qk_factor * self.num_heads * d, bias=features.qkv_bias)
+        self.k_proj = nn.Linear(hidden, qk_factor * self.num_key_value_heads * d, bias=features.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * d, bias=features.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=features.o_bias)
+        self.qk_norm_names = tuple(qk_norms or ())  # (q norm, k norm) attribute names
+        for name, module in (qk_norms or {}).items():
+            self.add_module(name, module)
 
         self.lambda_q1 = nn.Parameter(torch.empty(d))
         self.lambda_k1 = nn.Parameter(torch.empty(d))
@@ -88,7 +200,7 @@ class NetmorphDiffAttention(nn.Module):
         self.register_buffer("mix", torch.tensor(1.0), persistent=True)
 
         value_dim = d if self.layout == "doubled" else 2 * d
-        self.subln = LlamaRMSNorm(value_dim, eps=config.rms_norm_eps) if config.sublayer_norm else None
+        self.subln = LlamaRMSNorm(value_dim, eps=features.norm_eps) if config.sublayer_norm else None
 
     def lambda_full(self) -> torch.Tensor:
         """The effective λ (fp32 scalar), mix included."""
@@ -99,15 +211,21 @@ class NetmorphDiffAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        layer_past: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # GPT-NeoX and Falcon layers pass the cache as `layer_past`; GPT-2 may wrap it in an EncoderDecoderCache.
+        cache = past_key_values if past_key_values is not None else layer_past
+        cache = getattr(cache, "self_attention_cache", cache)
+        for name in _LAYER_ONLY_KWARGS:
+            kwargs.pop(name, None)
         input_shape = hidden_states.shape[:-1]
         query, key, value = self._project(hidden_states, position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, ·, S, d)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, ·, S, d)
 
         if self.config._attn_implementation == "flex_attention" and isinstance(attention_mask, torch.Tensor):
             attention_mask = _block_mask_from_tensor(attention_mask)
@@ -120,6 +238,8 @@ class NetmorphDiffAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
+        if self.features.softcap is not None:
+            call_kwargs["softcap"] = self.features.softcap
         query_pos, query_neg = query.chunk(2, dim=1)
         key_pos, key_neg = key.chunk(2, dim=1)
         if self.layout == "doubled":
@@ -136,16 +256,34 @@ class NetmorphDiffAttention(nn.Module):
 
         out = out.reshape(*input_shape, -1).contiguous()
         weights = None if weights_pos is None else weights_pos - lam * weights_neg
-        return self.o_proj(out), weights
+        out = self.o_proj(out)
+        if self.features.output_dropout:
+            out = nn.functional.dropout(out, p=self.features.output_dropout, training=self.training)
+        return out, weights
 
     def _project(self, hidden_states, position_embeddings):
+        """q, k, v as (B, heads, T, d), q/k normed (when the family norms them) and rotated (when it uses RoPE)."""
+        # The source model's q/k shapes: two components in the doubled layout, one in the split layout.
+        components = 2 if self.layout == "doubled" else 1
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
+        query, key = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.features.qk_norm == "full_width":  # OLMo2: one norm over each component's whole projection
+            query, key = self._norm_components(query, key, components, dim=-1)
+        query = query.view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
+        key = key.view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, d)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if self.features.qk_norm == "per_head":
+            query, key = self._norm_components(query, key, components, dim=1)
+        if position_embeddings is not None:  # None: learned absolute positions (GPT-2), added to the embeddings
+            cos, sin = position_embeddings
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         return query, key, value
+
+    def _norm_components(self, query, key, components: int, dim: int):
+        q_norm, k_norm = (getattr(self, name) for name in self.qk_norm_names)
+        query = torch.cat([q_norm(part) for part in query.chunk(components, dim=dim)], dim=dim)
+        key = torch.cat([k_norm(part) for part in key.chunk(components, dim=dim)], dim=dim)
+        return query, key
 
     @torch.no_grad()
     def branch_probabilities(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +300,8 @@ class NetmorphDiffAttention(nn.Module):
         for q, k in zip(query.chunk(2, dim=1), key.chunk(2, dim=1)):
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
+            if self.features.softcap is not None:
+                scores = torch.tanh(scores / self.features.softcap) * self.features.softcap
             maps.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
         return maps[0], maps[1]
 
@@ -221,11 +361,16 @@ class NetmorphDiffPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, NetmorphDiffAttention):
-            for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
-                init.normal_(vector, 0.0, self.config.lambda_std)
-            init.constant_(module.lambda_init, paper_lambda_init(module.layer_idx))
-            init.constant_(module.mix, 1.0)
+        _init_differential(module, self.config.lambda_std)
+
+
+def _init_differential(module: nn.Module, lambda_std: float) -> None:
+    """A model created from scratch (not converted): λ vectors N(0, lambda_std), the paper's λ_init, mix 1."""
+    if isinstance(module, NetmorphDiffAttention):
+        for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+            init.normal_(vector, 0.0, lambda_std)
+        init.constant_(module.lambda_init, paper_lambda_init(module.layer_idx))
+        init.constant_(module.mix, 1.0)
 
 
 def _block_mask_from_tensor(mask: torch.Tensor):
@@ -379,4 +524,57 @@ class NetmorphDiffForCausalLM(NetmorphDiffPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-__all__ = ["NetmorphDiffForCausalLM", "NetmorphDiffModel", "NetmorphDiffPreTrainedModel"]
+def install_differential_attention(model: nn.Module, config) -> None:
+    """Replace the attention module of every decoder layer of a stock family model by `NetmorphDiffAttention`.
+    `config.diff_attention["layers"]` is the path of the layer list ("gpt_neox.layers"), `["attention"]` the
+    attention's attribute in a layer ("attention"), `["qk_norms"]` the attribute names of the family's q and k norm
+    modules, which move into the differential attention unchanged."""
+    data = config.diff_attention
+    for layer_idx, layer in enumerate(model.get_submodule(data["layers"])):
+        stock = getattr(layer, data["attention"])
+        qk_norms = {name: getattr(stock, name) for name in data.get("qk_norms", ())}
+        setattr(layer, data["attention"], NetmorphDiffAttention(config, layer_idx, qk_norms))
+
+
+def family_model_class(config_class: type, stock_class: type) -> type:
+    """`NetmorphDiff<Family>ForCausalLM`: the stock causal-LM class of a family, its attention differential.
+    Everything outside attention — and so every tensor name outside attention — is the stock model's."""
+
+    def __init__(self, config):
+        stock_class.__init__(self, config)
+        install_differential_attention(self, config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        stock_class._init_weights(self, module)
+        _init_differential(module, self.config.lambda_std)
+
+    name = f"NetmorphDiff{stock_class.__name__}"
+    return type(name, (stock_class,), {"__init__": __init__, "_init_weights": _init_weights,
+                                       "config_class": config_class, "__module__": __name__, "__qualname__": name})
+
+
+NetmorphDiffQwen3ForCausalLM = family_model_class(NetmorphDiffQwen3Config, transformers.Qwen3ForCausalLM)
+NetmorphDiffGemmaForCausalLM = family_model_class(NetmorphDiffGemmaConfig, transformers.GemmaForCausalLM)
+NetmorphDiffGemma2ForCausalLM = family_model_class(NetmorphDiffGemma2Config, transformers.Gemma2ForCausalLM)
+NetmorphDiffGemma3ForCausalLM = family_model_class(NetmorphDiffGemma3TextConfig, transformers.Gemma3ForCausalLM)
+NetmorphDiffPhi3ForCausalLM = family_model_class(NetmorphDiffPhi3Config, transformers.Phi3ForCausalLM)
+NetmorphDiffGPTNeoXForCausalLM = family_model_class(NetmorphDiffGPTNeoXConfig, transformers.GPTNeoXForCausalLM)
+NetmorphDiffStableLmForCausalLM = family_model_class(NetmorphDiffStableLmConfig, transformers.StableLmForCausalLM)
+NetmorphDiffFalconForCausalLM = family_model_class(NetmorphDiffFalconConfig, transformers.FalconForCausalLM)
+NetmorphDiffGPT2LMHeadModel = family_model_class(NetmorphDiffGPT2Config, transformers.GPT2LMHeadModel)
+NetmorphDiffOlmo2ForCausalLM = family_model_class(NetmorphDiffOlmo2Config, transformers.Olmo2ForCausalLM)
+
+# source model_type → the converted model's class
+FAMILY_MODELS = {
+    cls.config_class.source_family: cls
+    for cls in (
+        NetmorphDiffQwen3ForCausalLM, NetmorphDiffGemmaForCausalLM, NetmorphDiffGemma2ForCausalLM,
+        NetmorphDiffGemma3ForCausalLM, NetmorphDiffPhi3ForCausalLM, NetmorphDiffGPTNeoXForCausalLM,
+        NetmorphDiffStableLmForCausalLM, NetmorphDiffFalconForCausalLM, NetmorphDiffGPT2LMHeadModel,
+        NetmorphDiffOlmo2ForCausalLM,
+    )
+}
+
+__all__ = ["NetmorphDiffForCausalLM", "NetmorphDiffModel", "NetmorphDiffPreTrainedModel", "FAMILY_MODELS",
+           *(cls.__name__ for cls in FAMILY_MODELS.values())]

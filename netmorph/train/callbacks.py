@@ -61,9 +61,10 @@ class DiffAttnWarmupCallback(TrainerCallback):
         self._apply(state, model)
 
 
-def attention_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The hidden states and (cos, sin) a differential-attention module is called with, from a forward pre-hook."""
-    return kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"]
+def attention_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The hidden states and (cos, sin) a differential-attention module is called with, from a forward pre-hook
+    ((cos, sin) is None for a family without rotary embeddings: GPT-2)."""
+    return kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings")
 
 
 def lambda_metrics(module) -> dict[str, float]:
@@ -163,9 +164,11 @@ class DiffAttnMonitorCallback(TrainerCallback):
             if index not in self._armed:
                 return
             self._armed.discard(index)  # first micro-batch only (and not again under gradient checkpointing)
-            hidden, (cos, sin) = attention_input(args, kwargs)
+            hidden, rotary = attention_input(args, kwargs)
             tokens = min(hidden.shape[1], self.max_tokens)
-            positive, negative = module.branch_probabilities(hidden[:1, :tokens], (cos[:1, :tokens], sin[:1, :tokens]))
+            if rotary is not None:
+                rotary = tuple(part[:1, :tokens] for part in rotary)
+            positive, negative = module.branch_probabilities(hidden[:1, :tokens], rotary)
             lam = module.lambda_full().item()
             self._branch[index] = branch_metrics(positive, negative, lam)
 
