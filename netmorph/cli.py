@@ -68,6 +68,7 @@ def convert_diff_transformer_command(source, output_dir, **values):
     Approximate modes (the measured divergence is printed and put in the model card):
       --split-heads    half the heads become the negative component (needs even head counts)
       --sublayer-norm  the paper's per-head RMSNorm before o_proj
+      --export diffllama  a stock transformers DiffLlama checkpoint (no remote code)
     """
     options = ConvertOptions.build(**values)
     _setup_logging(options.debug)

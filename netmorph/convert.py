@@ -443,6 +443,10 @@ def verify_conversion(source: Source, directory: Path, options: ConvertOptions, 
 def convert_diff_transformer(
     source_arg: str | None, output_dir: str | Path | None, options: ConvertOptions
 ) -> ConversionResult:
+    if options.export == "diffllama":
+        from netmorph.export_diffllama import export_diffllama
+
+        return export_diffllama(source_arg, output_dir, options)
     source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     if output_dir is None:
         yaml_out = (source.yaml_config or {}).get("output_dir")
@@ -481,6 +485,7 @@ def convert_diff_transformer(
             if layerwise:
                 log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
             report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
+            report.approximate = not options.exact
             reports.append(report)
             if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
                 raise NetmorphError(

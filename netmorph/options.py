@@ -71,9 +71,19 @@ class ConvertOptions(CheckpointOptions):
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
     verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
     progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
+    export: Literal["netmorph", "diffllama"] = Field("netmorph", description="netmorph: netmorph's differential-attention model (exact; remote code). diffllama: a stock transformers DiffLlama checkpoint (no remote code; approximate, divergence measured).")
+    diffllama_anchor: float = Field(100.0, ge=0, description="--export diffllama: value anchor that keeps DiffLlama's per-head RMSNorm nearly linear (larger: closer to the source, slower o_proj learning; 0: no anchor).")
 
     @model_validator(mode="after")
     def _compatible(self):
+        if self.export == "diffllama":
+            conflicting = [flag for flag, on in (("--split-heads", self.split_heads), ("--sublayer-norm", self.sublayer_norm),
+                                                 ("--lambda-start zero", self.lambda_start == "zero")) if on]
+            if conflicting:
+                raise ValueError(f"{conflicting[0]} does not apply to --export diffllama (DiffLlama fixes its layout, "
+                                 "norm and λ_init): drop it or drop --export diffllama")
+            if self.verify_mode == "layerwise":
+                raise ValueError("--export diffllama verifies the whole model: drop --verify-mode layerwise")
         if self.zero_init and self.mirror_weights:
             raise ValueError("--zero-init and --mirror-weights conflict: choose one negative-component init")
         if self.split_heads and (self.zero_init or self.mirror_weights):
@@ -86,7 +96,7 @@ class ConvertOptions(CheckpointOptions):
 
     @property
     def exact(self) -> bool:
-        return not (self.split_heads or self.sublayer_norm)
+        return not (self.split_heads or self.sublayer_norm or self.export == "diffllama")
 
 
 QKV_LAYOUT_TARGETS = ("separate", "sequential", "interleaved", "grouped")

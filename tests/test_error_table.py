@@ -304,6 +304,21 @@ def split_heads_odd(case):
     return [CONVERT, case.src, "-o", case.out, "--split-heads"]
 
 
+@row("`--export diffllama` of a sliding-window model (Mistral)",
+     "--export diffllama cannot represent sliding-window attention (DiffLlama attends to the whole context): convert "
+     "without --export to keep the window")
+def export_diffllama_sliding(case):
+    rewrite_config(case, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=7)
+    return [CONVERT, case.src, "-o", case.out, "--export", "diffllama"]
+
+
+@row("`--export diffllama --split-heads`",
+     "--split-heads does not apply to --export diffllama (DiffLlama fixes its layout, norm and "
+     "λ_init): drop it or drop --export diffllama")
+def export_diffllama_split(case):
+    return [CONVERT, case.src, "-o", case.out, "--export", "diffllama", "--split-heads"]
+
+
 @row("`grow --num-attention-heads 10` on 9 query / 3 KV heads (impossible GQA grouping)",
      "10 query heads cannot be split into 3 KV heads: pick --num-key-value-heads from [5, 10] or heads a multiple of 3")
 def grow_heads_impossible(case):

@@ -199,3 +199,27 @@ def test_bundled_gguf_converts_with_no_source(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "config.yml",
                  "modeling_netmorph_diff.py", "configuration_netmorph_diff.py"):
         assert (out / name).exists(), name
+
+
+def test_diffllama_export_of_the_real_model(smollm2_dir, tmp_path, capsys):
+    """A stock DiffLlama (no remote code) built from SmolLM2: the reported divergence is what this test measures,
+    and the value anchor keeps it near the model's own rounding noise."""
+    from transformers import AutoModelForCausalLM, DiffLlamaForCausalLM
+
+    result = convert(smollm2_dir, tmp_path / "diffllama", export="diffllama", verify=True)
+    report = result.reports[0]
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "diffllama"), dtype=torch.float32,
+                                                    attn_implementation="sdpa").eval()
+    assert type(exported) is DiffLlamaForCausalLM
+    original = load(smollm2_dir, "sdpa")
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        logits_a, logits_b = original(ids).logits[0], exported(ids).logits[0]
+    diff = (logits_a - logits_b).abs().max().item()
+    loss = [torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item() for logits in (logits_a, logits_b)]
+    assert diff == pytest.approx(report.texts[0].max_abs_logit_diff, rel=1e-3)
+    assert loss[1] - loss[0] == pytest.approx(report.texts[0].loss_converted - report.texts[0].loss_original, abs=1e-5)
+    assert diff < 2e-2 and abs(loss[1] - loss[0]) < 1e-4 and report.generations_match
+    with capsys.disabled():
+        print(f"\n[measured] --export diffllama on SmolLM2: max |Δlogit| {report.max_abs_logit_diff:.2e}, "
+              f"loss {report.texts[0].loss_original:.5f} → {report.texts[0].loss_converted:.5f}")

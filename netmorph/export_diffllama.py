@@ -1,0 +1,192 @@
+"""`convert-diff-transformer --export diffllama`: SOURCE → a stock transformers `DiffLlamaForCausalLM` checkpoint.
+
+It loads with no remote code at all, but it cannot be exact: DiffLlama always applies a parameter-free RMSNorm to
+each differential head's output. The construction in netmorph/ops/diffllama.py keeps that norm's denominator
+almost constant with a value "anchor", so the divergence is small and is measured, printed and recorded.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from netmorph.arch import ArchSpec, spec_for
+from netmorph.convert import ATTENTION_TENSORS, pass_through
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import MetaReader, TensorReader
+from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.ops.diffllama import diffllama_attention_tensors
+from netmorph.options import ConvertOptions, parse_size
+from netmorph.sources import Source, default_texts, resolve_source
+from netmorph.verify import VerifyReport, compare_models
+
+log = logging.getLogger("netmorph")
+
+EXPORTABLE_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    config: object
+    reports: list[VerifyReport] = field(default_factory=list)
+
+
+def diffllama_config(source_config, spec: ArchSpec, dtype: torch.dtype):
+    """The DiffLlama config with 2H query and 2G KV heads of the source's head_dim, or a one-line refusal naming what
+    DiffLlama cannot represent."""
+    from transformers import DiffLlamaConfig
+
+    c = source_config
+    if c.model_type not in EXPORTABLE_FAMILIES:
+        raise NetmorphError(
+            f"--export diffllama takes a {', '.join(EXPORTABLE_FAMILIES)} model, not {c.model_type!r}: DiffLlama is "
+            "Llama with differential attention; convert without --export to use netmorph's own model"
+        )
+    if "sliding_attention" in spec.layer_types(c):
+        raise NetmorphError(
+            "--export diffllama cannot represent sliding-window attention (DiffLlama attends to the whole context): "
+            "convert without --export to keep the window"
+        )
+    if getattr(c, "mlp_bias", False):
+        raise NetmorphError(
+            "--export diffllama cannot represent MLP biases (DiffLlama's MLP has none): convert without --export"
+        )
+    if getattr(c, "attention_dropout", 0.0):
+        raise NetmorphError(
+            f"--export diffllama needs attention_dropout 0 (DiffLlama refuses dropout), the source has "
+            f"{c.attention_dropout}: set attention_dropout to 0 in config.json"
+        )
+    num_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return DiffLlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=2 * c.num_attention_heads,
+        num_key_value_heads=2 * num_kv,
+        head_dim=head_dim,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=c.initializer_range,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rope_parameters=dict(c.rope_parameters),
+        attention_bias=True,  # the value anchor is a v bias; DiffLlama has one flag for all four projections
+        attention_dropout=0.0,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        architectures=["DiffLlamaForCausalLM"],
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def export_tensors(reader: TensorReader, config, spec: ArchSpec, options: ConvertOptions, writer) -> None:
+    """Every source tensor to the writer, each layer's attention in the DiffLlama layout (also runs on a MetaReader
+    into a PlanRecorder to plan the output)."""
+    source_heads = config.num_attention_heads // 2
+    attention_names = {
+        spec.attention_key(i, f"{proj}.{kind}"): i
+        for i in range(config.num_hidden_layers)
+        for proj in ATTENTION_TENSORS
+        for kind in ("weight", "bias")
+    }
+    done_layers = set()
+    for name in reader.keys():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layer_idx = attention_names.get(name)
+        if layer_idx is None:
+            pass_through(reader, writer, name)
+            continue
+        if layer_idx in done_layers:
+            continue
+        done_layers.add(layer_idx)
+        attn = {}
+        for proj in ATTENTION_TENSORS:
+            for kind in ("weight", "bias"):
+                key = spec.attention_key(layer_idx, f"{proj}.{kind}")
+                if key in reader:
+                    attn[f"{proj}.{kind}"] = reader.get(key)
+                elif kind == "weight":
+                    raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
+        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + layer_idx)
+        converted = diffllama_attention_tensors(
+            attn, layer_idx, source_heads, config.head_dim, options.diffllama_anchor, config.rms_norm_eps,
+            options.negative_init, options.negative_std, generator,
+        )
+        for tensor_name, tensor in converted.items():
+            writer.add(spec.attention_key(layer_idx, tensor_name), tensor)
+    missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
+    if missing:
+        raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
+
+
+def verify_export(source: Source, directory: Path, options: ConvertOptions) -> VerifyReport:
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
+    original = source.load_model("sdpa")
+    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
+    report = compare_models(original, exported.eval(), source.load_tokenizer(), default_texts(), prompts,
+                            tolerance=options.tolerance)
+    report.approximate = True
+    return report
+
+
+def write_model_card(directory: Path, source: Source, options: ConvertOptions, reports: list[VerifyReport]) -> None:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [netmorph, differential-attention, diffllama]",
+        "---",
+        f"# DiffLlama export of `{source.description}`",
+        "",
+        "Written by [netmorph](https://pypi.org/project/netmorph/) `convert-diff-transformer --export diffllama`: a",
+        "stock transformers `DiffLlamaForCausalLM` (no remote code). Query and KV heads are doubled (the source's heads",
+        "first, new negative heads after them), λ = 0 through the λ vectors, and a value anchor of",
+        f"{options.diffllama_anchor:g} keeps DiffLlama's mandatory per-head RMSNorm nearly linear.",
+        "**Approximate**: the measured divergence from the source is below.",
+        "",
+        f"- Options: `{json.dumps({'negative_init': options.negative_init, 'diffllama_anchor': options.diffllama_anchor, 'seed': options.seed})}`",
+        "",
+        "## Verification (fp32, real text)",
+        "",
+    ]
+    if not reports:
+        lines.append("Not run (`--no-verify`).")
+    for report in reports:
+        lines += ["```", report.table(), "```", ""]
+    (directory / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def export_diffllama(source_arg: str | None, output_dir: str | Path | None, options: ConvertOptions) -> ExportResult:
+    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    if output_dir is None:
+        raise NetmorphError("no output directory: pass --output-dir DIR")
+    output_dir = Path(output_dir).expanduser()
+    spec = spec_for(source.config.model_type)
+    reader = source.reader()
+    dtype = reader.describe(next(iter(reader.keys()))).dtype
+    config = diffllama_config(source.config, spec, dtype)
+    check_output_dir(output_dir, options.force, source.input_paths)
+    plan = plan_output(lambda recorder: export_tensors(MetaReader(reader), config, spec, options, recorder))
+    log.info("exporting %s (%s, %d layers) → DiffLlama %s", source.description, spec.model_type,
+             config.num_hidden_layers, output_dir)
+    with atomic_output_dir(output_dir) as tmp:
+        with StreamingWriter(tmp, plan, parse_size(options.max_shard_size), progress=options.progress,
+                             description="exporting") as writer:
+            export_tensors(reader, config, spec, options, writer)
+            writer.finish()
+        release_freed_memory()
+        config.save_pretrained(tmp)
+        source.save_tokenizer(tmp)
+        source.save_generation_config(tmp)
+        reports = [verify_export(source, tmp, options)] if options.verify or options.debug else []
+        write_model_card(tmp, source, options, reports)
+    return ExportResult(output_dir, config, reports)
