@@ -139,12 +139,12 @@ def convert_tensors(
 
 
 def pass_through(reader: TensorReader, writer, name: str) -> None:
-    """A tensor the conversion keeps as it is: checked to be finite, then copied file to file by the kernel when the
-    reader knows where its bytes lie and the writer can copy (a `StreamingWriter`), else written and dropped."""
+    """A tensor the conversion keeps as it is: copied file to file by the kernel when the reader knows where its
+    bytes lie and the writer can copy (a `StreamingWriter`: its thread also checks them to be finite, reading
+    them once from the page cache in small pieces), else read (checked to be finite), written and dropped."""
     location = reader.file_range(name)
     if location is not None and hasattr(writer, "add_file_range"):
-        reader.get(name)  # every input tensor is checked to be finite; the read also warms the page cache for the copy
-        writer.add_file_range(name, reader.describe(name), *location)
+        writer.add_file_range(name, reader.describe(name), *location, check_finite=True)
     else:
         writer.add(name, reader.get(name))
 

@@ -291,3 +291,65 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
         peaks[layers] = int(run.stdout.split()[-1]) * 1024  # VmHWM in kB: this process's own peak RSS
     growth = peaks[32] - peaks[8]
     assert growth < 48 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float64])
+def test_finiteness_check_of_copied_tensors_counts_like_check_finite(tmp_path, dtype):
+    """Tensors copied file to file are checked piece by piece on the writer thread: the same NaN/Inf counts and
+    message as `check_finite` on the whole tensor, wherever the bad values fall (first/last element, both sides of
+    a piece boundary), and a clean tensor (values whose float32 sum overflows included) passes."""
+    import os
+
+    from netmorph.errors import NetmorphError
+    from netmorph.io.reader import check_finite, check_finite_in_file
+
+    bad = float("nan") if dtype == torch.float8_e4m3fn else float("inf")  # e4m3fn has no Inf
+    clean = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        clean[:4] = torch.finfo(dtype).max  # the fast sum overflows; the exact count must find nothing
+    damaged = clean.clone()
+    for index, value in ((0, float("nan")), (6, bad), (7, float("nan")), (999, bad), (500, float("nan"))):
+        damaged[index] = value
+    save_file({"clean": clean, "damaged": damaged, "ints": torch.arange(10)}, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(tmp_path)
+    with pytest.raises(NetmorphError) as whole:
+        check_finite("damaged", damaged)
+    path, offset = reader.file_range("damaged")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for buffer_bytes in (7 * dtype.itemsize, 7 * dtype.itemsize + 1, 2**20):  # pieces of 7 elements, or one
+            with pytest.raises(NetmorphError) as piecewise:
+                check_finite_in_file(reader.describe("damaged"), fd, offset, bytearray(buffer_bytes))
+            assert str(piecewise.value) == str(whole.value)
+            check_finite_in_file(reader.describe("clean"), fd, reader.file_range("clean")[1], bytearray(buffer_bytes))
+    finally:
+        os.close(fd)
+    plan = [reader.describe(name) for name in reader.keys()]
+    (tmp_path / "out").mkdir()
+    with StreamingWriter(tmp_path / "out", plan, max_shard_bytes=10**9) as writer:
+        for spec in plan:
+            writer.add_file_range(spec.name, spec, *reader.file_range(spec.name), check_finite=True)
+        with pytest.raises(NetmorphError) as streamed:
+            writer.finish()
+    assert str(streamed.value) == str(whole.value)
+    expected = "5 NaN and 0 Inf" if dtype == torch.float8_e4m3fn else "3 NaN and 2 Inf"
+    assert f"tensor damaged holds {expected} values" in str(whole.value)
+
+
+def test_import_netmorph_defers_the_modeling_stack_until_auto_models_are_used():
+    """`import netmorph` (every command) does not import transformers' modeling stack; the Auto classes still find
+    the differential model as soon as anything imports them."""
+    code = """
+import sys
+import netmorph.cli, netmorph.convert
+assert "netmorph.modeling.modeling_netmorph_diff" not in sys.modules
+assert "transformers.masking_utils" not in sys.modules
+from transformers import AutoConfig, AutoModelForCausalLM
+from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
+from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM
+assert type(AutoConfig.for_model("netmorph_diff")) is NetmorphDiffConfig
+assert AutoModelForCausalLM._model_mapping[NetmorphDiffConfig] is NetmorphDiffForCausalLM
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from netmorph.io.reader import DTYPES, INDEX_NAME, TensorSpec
+from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorSpec, check_finite_in_file
 
 SAFETENSORS_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The order of safetensors' Dtype enum: `save_file` writes tensors by descending dtype, then by name.
@@ -156,6 +156,7 @@ class StreamingWriter:
         self._in_flight: deque[tuple[Future, int]] = deque()
         self._in_flight_bytes = 0
         self._progress_after: dict[Future, int] = {}  # bytes of file-to-file copies, counted when done
+        self._check_buffer: bytearray | None = None  # the writer thread's buffer for `check_finite_in_file`
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._check(name, tuple(tensor.shape), tensor.dtype)
@@ -169,21 +170,29 @@ class StreamingWriter:
         self._in_flight.append((future, spec.nbytes))
         self._in_flight_bytes += spec.nbytes
 
-    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int) -> None:
+    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int, check_finite: bool = False) -> None:
         """A tensor whose bytes lie unchanged in another file (a tensor passed through a conversion): the kernel
-        copies them file to file, as `cp` does, without them ever entering this process's memory."""
+        copies them file to file, as `cp` does, without them ever entering this process's memory. With
+        `check_finite`, the writer thread first reads them piece by piece and refuses NaN/Inf (`check_finite_in_file`:
+        the error surfaces from a later `add` or from `finish`), so the caller's thread goes on converting."""
         self._check(name, spec.shape, spec.dtype)
         self._written.add(name)
         while self._in_flight and self._in_flight[0][0].done():
             self._retire_oldest()
         index, destination = self._place[name]
-        future = self._thread.submit(self._copy, index, path, offset, destination, spec.nbytes)
+        future = self._thread.submit(self._copy, index, spec, path, offset, destination, check_finite)
         self._in_flight.append((future, 0))  # no memory held while it waits
         self._progress_after[future] = spec.nbytes
 
-    def _copy(self, index: int, path: Path, offset: int, destination: int, nbytes: int) -> None:
+    def _copy(self, index: int, spec: TensorSpec, path: Path, offset: int, destination: int,
+              check_finite: bool) -> None:
         source = os.open(path, os.O_RDONLY)
+        nbytes = spec.nbytes
         try:
+            if check_finite:
+                if self._check_buffer is None:
+                    self._check_buffer = bytearray(CHECK_CHUNK_BYTES)
+                check_finite_in_file(spec, source, offset, self._check_buffer)
             done = 0
             while done < nbytes:
                 try:
