@@ -12,7 +12,7 @@ import yaml
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
@@ -136,17 +136,6 @@ def convert_tensors(
     missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
     if missing:
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
-
-
-def pass_through(reader: TensorReader, writer, name: str) -> None:
-    """A tensor the conversion keeps as it is: copied file to file by the kernel when the reader knows where its
-    bytes lie and the writer can copy (a `StreamingWriter`: its thread also checks them to be finite, reading
-    them once from the page cache in small pieces), else read (checked to be finite), written and dropped."""
-    location = reader.file_range(name)
-    if location is not None and hasattr(writer, "add_file_range"):
-        writer.add_file_range(name, reader.describe(name), *location, check_finite=True)
-    else:
-        writer.add(name, reader.get(name))
 
 
 def convert_layer(

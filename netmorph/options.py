@@ -42,6 +42,7 @@ class CheckpointOptions(BaseModel):
     max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
     trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
+    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -62,7 +63,6 @@ class ConvertOptions(CheckpointOptions):
     lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
     verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
-    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
 
     @model_validator(mode="after")
     def _compatible(self):

@@ -353,3 +353,54 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+GROW_CASES = {
+    "llama-depth-interleave": ("llama", dict(num_layers=5, new_layers_at="interleave")),
+    "llama-every-dimension": ("llama", dict(num_layers=3, intermediate_size=64, num_attention_heads=18,
+                                            num_key_value_heads=6, head_dim=12, hidden_size=54, new_layers_at="0",
+                                            layer_init="normal")),
+    "phi3-fused": ("phi3", dict(num_key_value_heads=4, num_layers=3, intermediate_size=80)),
+    "gpt_neox-hidden": ("gpt_neox", dict(hidden_size=80)),
+    "gemma-head-dim": ("gemma", dict(head_dim=24)),
+}
+
+
+@pytest.mark.parametrize("case", GROW_CASES)
+def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
+    """`grow` plans on meta tensors and streams (unchanged layers copied file to file): the same weight files,
+    shard split and index as growing a bf16 checkpoint into the in-memory ShardedWriter, tensor by computed tensor."""
+    from netmorph.arch.grow_specs import grow_spec_for
+    from netmorph.grow import grow_tensors, plan_growth
+    from netmorph.options import GrowOptions
+    from tests.grow_helpers import grow_tiny, save_tiny
+
+    family, values = GROW_CASES[case]
+    source = save_tiny(tmp_path / "src", family, dtype=torch.bfloat16)
+    options = GrowOptions.build(max_shard_size="8KB", seed=5, verify=False, **values)
+    grow_tiny(source, tmp_path / "streamed", **options.model_dump(exclude_defaults=True))
+
+    resolved = resolve_source(str(source))
+    plan = plan_growth(resolved.config, grow_spec_for(family), options)
+    (tmp_path / "memory").mkdir()
+    writer = ShardedWriter(tmp_path / "memory", parse_size(options.max_shard_size))
+    grow_tensors(SafetensorsReader(source), plan, bool(resolved.config.tie_word_embeddings), writer, options)
+    writer.finish()
+    reference = sha256s(tmp_path / "memory")
+    assert len(reference) > 2
+    assert sha256s(tmp_path / "streamed") == reference
+
+
+def test_grow_peak_memory_does_not_grow_with_model_size(tmp_path):
+    """Growing 4x the layers (84 MB → 336 MB of weights, the same largest tensor; depth + MLP width, so every layer
+    is computed in float64) costs no more peak memory."""
+    peaks = {}
+    for layers in (8, 32):
+        source = synthesize_llama(tmp_path / f"src{layers}", layers)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, "grow", str(source), "-o", str(tmp_path / f"out{layers}"),
+                              "--num-layers", str(layers + 4), "--intermediate-size", "1280", "--no-verify",
+                              "--no-progress", "--max-shard-size", "64MB"], check=True, capture_output=True, text=True, timeout=300)
+        peaks[layers] = int(run.stdout.split()[-1]) * 1024
+        assert len(list((tmp_path / f"out{layers}").glob("*.safetensors"))) > 1  # sharded, with an index
+    growth = peaks[32] - peaks[8]
+    assert growth < 48 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"

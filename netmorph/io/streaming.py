@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorSpec, check_finite_in_file
+from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorReader, TensorSpec, check_finite_in_file
 
 SAFETENSORS_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The order of safetensors' Dtype enum: `save_file` writes tensors by descending dtype, then by name.
@@ -272,6 +272,18 @@ class StreamingWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pass_through(reader: TensorReader, writer, name: str, output_name: str | None = None) -> None:
+    """A tensor a command keeps as it is (under `output_name`, if it moves): copied file to file by the kernel when
+    the reader knows where its bytes lie and the writer can copy (a `StreamingWriter`, whose thread also checks them
+    to be finite, reading them once from the page cache in small pieces), else read (checked to be finite),
+    written and dropped. On a `MetaReader` into a `PlanRecorder` it plans the tensor."""
+    location = reader.file_range(name)
+    if location is not None and hasattr(writer, "add_file_range"):
+        writer.add_file_range(output_name or name, reader.describe(name), *location, check_finite=True)
+    else:
+        writer.add(output_name or name, reader.get(name))
 
 
 def release_freed_memory() -> None:
