@@ -11,13 +11,11 @@ component. o_proj columns are regrouped so that differential head j's 2d-wide ou
 model used for heads j and j + H/2.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-import math
-
 import torch
-
 
 
 def paper_lambda_init(layer_idx: int) -> float:
