@@ -72,11 +72,3 @@ def test_finiteness_check_survives_a_sum_that_overflows_and_names_the_bad_values
     large[7], large[9] = float("inf"), float("nan")
     with pytest.raises(NetmorphError, match="tensor large holds 1 NaN and 1 Inf values"):
         check_finite("large", large)
-
-
-def test_paper_lambda_init_equals_the_modeling_files():
-    """ops keeps its own copy (the modeling file is self-contained remote code): both give the same λ_init."""
-    from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init as modeling_lambda_init
-    from netmorph.ops.diff_attention import paper_lambda_init
-
-    assert [paper_lambda_init(i) for i in range(100)] == [modeling_lambda_init(i) for i in range(100)]

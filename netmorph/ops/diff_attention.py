@@ -11,19 +11,12 @@ component. o_proj columns are regrouped so that differential head j's 2d-wide ou
 model used for heads j and j + H/2.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-
-def paper_lambda_init(layer_idx: int) -> float:
-    """λ_init of the paper for a 0-based layer index: 0.8 − 0.6·exp(−0.3·layer_idx). The modeling file has the same
-    function (it is self-contained remote code); this copy keeps transformers' modeling stack out of a conversion's
-    imports, and a test checks that the two agree."""
-    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
-
+from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init
 
 NegativeInit = Literal["normal", "zero", "mirror"]
 LambdaStart = Literal["paper", "zero"]
