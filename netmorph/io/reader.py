@@ -120,7 +120,7 @@ def nonfinite_error(name: str, nan: int, inf: int) -> NetmorphError:
 CHECK_CHUNK_BYTES = 4 * 2**20
 
 
-def check_finite_in_file(spec: "TensorSpec", fd: int, offset: int, buffer: bytearray | None = None) -> None:
+def check_finite_in_file(spec: TensorSpec, fd: int, offset: int, buffer: bytearray | None = None) -> None:
     """`check_finite` for a tensor's raw bytes in a file (a tensor copied file to file, never loaded whole): reads
     it in pieces into one reused buffer, so the check costs a read from the page cache and no memory.
     Raises the same error, with the same counts, as `check_finite` on the whole tensor."""
