@@ -4,9 +4,12 @@ Synthesizes a Llama checkpoint (random bf16 weights, written shard by shard with
 default 16 layers of hidden 4096 / GQA 32:8 / MLP 11008 with SmolLM2's tokenizer and vocabulary: 6.5 GB in 2 GB
 shards), then in one run:
 
-1. `cp -r` of the checkpoint + `sync`, before and after the conversion (the reference speed of this disk), and
-   the startup of the command alone (importing netmorph, torch, transformers: a fixed cost, whatever the size);
-2. `netmorph convert-diff-transformer --no-verify` + `sync`: throughput and peak RSS;
+1. `cp -r` of the checkpoint and `netmorph convert-diff-transformer --no-verify`, alternately, ROUNDS times each,
+   every run followed by `sync` of the files it wrote (not a global sync: other jobs' dirty pages are not this
+   run's), with the source in the same page-cache state before each: "warm" (read just before, as after a
+   download) and "cold" (evicted with posix_fadvise(DONTNEED), which needs no root); throughput ratio and peak RSS;
+   plus the fixed start-up of the command (imports and reading the config: the same whatever the size);
+2. (see 1);
 3. `netmorph convert-diff-transformer` with verification on (auto mode: layer-wise here, since two fp32 models
    would not fit): peak RSS of conversion + verification, and the verification figures.
 
@@ -67,20 +70,35 @@ def synthesize(directory: Path, layers: int, shard_bytes: int) -> LlamaConfig:
     return config
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(wall seconds including a final `sync`, peak RSS of the command in bytes, its stdout). The RSS comes from
-    GNU time, which starts the command from its own small process: a child forked straight from this (large)
-    process would count the parent's pages in its maximum RSS before exec."""
+def timed(command: list[str], output: Path, env: dict | None = None) -> tuple[float, int, str]:
+    """(wall seconds including `sync` of the files written under `output`, peak RSS of the command in bytes, its
+    stdout). The RSS comes from GNU time, which starts the command from its own small process: a child forked
+    straight from this (large) process would count the parent's pages in its maximum RSS before exec."""
     with tempfile.NamedTemporaryFile("r") as rss_file:
         start = time.perf_counter()
         run = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *command], stdout=subprocess.PIPE,
                              env=env, text=True, check=False)
-        subprocess.run(["sync"], check=True)
+        written = [str(p) for p in output.rglob("*") if p.is_file()] if output.is_dir() else []
+        subprocess.run(["sync", *written], check=True)
         seconds = time.perf_counter() - start
         if run.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed with status {run.returncode}")
         peak_kib = int(rss_file.read().split()[-1])
     return seconds, peak_kib * 1024, run.stdout
+
+
+def set_cache_state(files: list[Path], state: str) -> None:
+    """warm: every byte of the source in the page cache; cold: none of it (clean pages dropped, this file only)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if state == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 64 * 2**20):
+                    pass
+        finally:
+            os.close(fd)
 
 
 def main():
@@ -89,6 +107,7 @@ def main():
     parser.add_argument("--shard-size", default="2GB", help="Shard size of the synthesized input checkpoint.")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
                         help="Where the temporary checkpoints go (needs ~4x the checkpoint size free).")
+    parser.add_argument("--rounds", type=int, default=2, help="cp/convert pairs per cache state.")
     parser.add_argument("--keep", action="store_true", help="Keep the synthesized and converted checkpoints.")
     parser.add_argument("--no-write", action="store_true", help="Print only; do not append to BENCHMARKS.md.")
     args = parser.parse_args()
@@ -104,19 +123,34 @@ def main():
         largest = max(p.stat().st_size for p in shards)
         print(f"synthesized {total / 1e9:.2f} GB in {len(shards)} shards in {time.perf_counter() - start:.0f} s")
 
-        startup, _, _ = timed([sys.executable, "-c", "import netmorph.cli, netmorph.convert"], env)
-        copy_before, _, _ = timed(["cp", "-r", str(root / "source"), str(root / "copy-1")])
-        convert_seconds, convert_rss, _ = timed(netmorph + ["-o", str(root / "converted"), "--no-verify",
-                                                            "--no-progress"], env)
-        copy_after, _, _ = timed(["cp", "-r", str(root / "source"), str(root / "copy-2")])
-        shutil.rmtree(root / "copy-1")
-        shutil.rmtree(root / "copy-2")
-        written = sum(p.stat().st_size for p in (root / "converted").glob("*.safetensors"))
-        print(f"cp {copy_before:.1f} s / {copy_after:.1f} s, convert {convert_seconds:.1f} s, "
-              f"peak RSS {convert_rss / GiB:.2f} GiB")
+        subprocess.run(["sync"], check=True)  # the synthesized shards on disk before anything is timed
+        source_files = sorted(p for p in (root / "source").iterdir() if p.is_file())
+        startup, _, _ = timed([sys.executable, "-c", "import netmorph.cli, netmorph.convert\n"
+                               "from netmorph.sources import resolve_source\n"
+                               f"resolve_source({str(root / 'source')!r}).reader()"], root, env)
+        runs = {"warm": {"cp": [], "convert": []}, "cold": {"cp": [], "convert": []}}
+        loads = [os.getloadavg()[0]]
+        convert_rss = 0
+        for state in ("warm", "cold"):
+            for _ in range(args.rounds):
+                set_cache_state(source_files, state)
+                seconds, _, _ = timed(["cp", "-r", str(root / "source"), str(root / "copy")], root / "copy")
+                runs[state]["cp"].append(seconds)
+                shutil.rmtree(root / "copy")
+                set_cache_state(source_files, state)
+                seconds, rss, _ = timed(netmorph + ["-o", str(root / "converted"), "--no-verify", "--no-progress"],
+                                        root / "converted", env)
+                runs[state]["convert"].append(seconds)
+                convert_rss = max(convert_rss, rss)
+                written = sum(p.stat().st_size for p in (root / "converted").glob("*.safetensors"))
+                shutil.rmtree(root / "converted")
+                loads.append(os.getloadavg()[0])
+                print(f"{state}: cp {runs[state]['cp'][-1]:.1f} s, convert {seconds:.1f} s, peak RSS {rss / GiB:.2f} GiB, "
+                      f"load {loads[-1]:.1f}", flush=True)
 
+        set_cache_state(source_files, "warm")
         verify_seconds, verify_rss, verify_output = timed(
-            netmorph + ["-o", str(root / "verified"), "--no-progress"], env
+            netmorph + ["-o", str(root / "verified"), "--no-progress"], root / "verified", env
         )
         card = (root / "verified" / "README.md").read_text()
         layerwise = "layer-wise" in card
@@ -126,19 +160,30 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    copy_seconds = (copy_before + copy_after) / 2
     bound = largest + GiB
+
+    def ratio(state: str) -> float:  # cp time / convert time, each summed over the rounds
+        return sum(runs[state]["cp"]) / sum(runs[state]["convert"])
+
+    def times(state: str, what: str) -> str:
+        return " / ".join(f"{t:.1f}" for t in runs[state][what]) + " s"
+
+    warm_convert = sum(runs["warm"]["convert"]) / args.rounds
     rows = [
         ("input checkpoint", f"{total / 1e9:.2f} GB bf16 in {len(shards)} shards, largest {largest / 1e9:.2f} GB"),
-        ("`cp -r` + sync (before / after the conversion)", f"{copy_before:.1f} s / {copy_after:.1f} s "
-         f"({total / copy_seconds / 1e9:.2f} GB/s)"),
-        ("convert --no-verify + sync", f"{convert_seconds:.1f} s ({total / 1e9:.2f} GB read, {written / 1e9:.2f} GB "
-         f"written; {total / convert_seconds / 1e9:.2f} GB/s of input)"),
-        ("**throughput ratio** cp time / convert time (goal ≥ 0.5)", f"**{copy_seconds / convert_seconds:.2f}**"),
-        ("startup (Python, torch, transformers imports) in that time", f"{startup:.1f} s"),
-        ("throughput ratio without the startup: cp / (convert − startup)",
-         f"{copy_seconds / (convert_seconds - startup):.2f}"),
-        ("**peak RSS** convert --no-verify (bound: largest shard + 1 GiB)",
+        ("load average (1 min) before / during the timed runs",
+         f"{loads[0]:.1f} / {min(loads[1:]):.1f}–{max(loads[1:]):.1f} (2 cores shared with other jobs)"),
+        ("source warm (in the page cache): `cp -r` + sync, each round", times("warm", "cp")),
+        ("source warm: convert --no-verify + sync, each round",
+         times("warm", "convert") + f" ({total / 1e9:.2f} GB read, {written / 1e9:.2f} GB written)"),
+        ("**throughput ratio, warm** (cp time / convert time; goal ≥ 0.5)", f"**{ratio('warm'):.2f}**"),
+        ("source cold (evicted): `cp -r` + sync, each round", times("cold", "cp")),
+        ("source cold: convert --no-verify + sync, each round", times("cold", "convert")),
+        ("**throughput ratio, cold**", f"**{ratio('cold'):.2f}**"),
+        ("fixed start-up (imports, reading config and headers)", f"{startup:.1f} s"),
+        ("warm ratio without the start-up: cp / (convert − start-up)",
+         f"{sum(runs['warm']['cp']) / args.rounds / (warm_convert - startup):.2f}"),
+        ("**peak RSS** convert --no-verify, all runs (bound: largest shard + 1 GiB)",
          f"**{convert_rss / GiB:.2f} GiB** (bound {bound / GiB:.2f} GiB: {'holds' if convert_rss <= bound else 'EXCEEDED'})"),
         (f"convert with verification ({'layer-wise, chosen automatically' if layerwise else 'full'}) + sync",
          f"{verify_seconds:.0f} s; " + (summary[0].strip().replace("|", "\\|") if summary else "no summary line")),
@@ -156,15 +201,23 @@ def main():
         f"at the same time, {psutil_total_gib():.0f} GiB RAM, {filesystem_of(args.workdir)}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}. Synthesized Llama "
         f"(hidden 4096, 32/8 heads, MLP 11008, {args.layers} layers, vocab of SmolLM2, random N(0, 0.02) bf16 "
-        "weights, untied lm_head); default conversion (doubled heads, 5GB output shards). Times include `sync`. The "
-        "input was written just before the runs; how much of it stayed in the page cache is not controlled, and other "
-        "jobs' load on the shared cores and disk adds noise to every time.\n"
+        "weights, untied lm_head); default conversion (doubled heads, 5GB output shards). `cp -r` and the conversion "
+        f"alternate, {args.rounds} rounds each per page-cache state of the source: warm (read just before) and cold "
+        "(evicted with posix_fadvise(DONTNEED): /proc/sys/vm/drop_caches would drop every other job's cache too). "
+        "Each time includes `sync` of the files that run wrote. Other jobs' load on the shared cores and disk adds "
+        "noise to every time (load average in the table); an idle machine gives steadier figures.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    with path.open("a") as f:
-        f.write(section)
-    print(f"appended to {path}")
+    text = path.read_text()
+    start = text.find("\n## Streaming conversion of")
+    if start < 0:
+        text += section
+    else:  # replace the previous run's section
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    path.write_text(text)
+    print(f"wrote the streaming section of {path}")
 
 
 def psutil_total_gib() -> float:

@@ -12,7 +12,7 @@ import yaml
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops import qkv_layout
@@ -228,19 +228,6 @@ def convert_tensors(
     missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
     if missing:
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
-
-
-def pass_through(reader: TensorReader, writer, name: str, name_out: str | None = None) -> None:
-    """A tensor the conversion keeps as it is (stored as `name_out`, by default its own name): checked to be finite,
-    then copied file to file by the kernel when the reader knows where its bytes lie and the writer can copy (a
-    `StreamingWriter`), else written and dropped."""
-    name_out = name_out or name
-    location = reader.file_range(name)
-    if location is not None and hasattr(writer, "add_file_range"):
-        reader.get(name)  # every input tensor is checked to be finite; the read also warms the page cache for the copy
-        writer.add_file_range(name_out, reader.describe(name), *location)
-    else:
-        writer.add(name_out, reader.get(name))
 
 
 def read_role(reader: TensorReader, spec: ArchSpec, layer_idx: int, role: str, kind: str) -> torch.Tensor | None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.convert import ATTENTION_TENSORS, pass_through
+from netmorph.convert import ATTENTION_TENSORS
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
-from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops.diffllama import diffllama_attention_tensors
 from netmorph.options import ConvertOptions, parse_size

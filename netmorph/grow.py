@@ -1,8 +1,9 @@
 """`grow`: SOURCE → a larger checkpoint of the *same stock architecture* that computes the same function.
 
 Every constraint is checked before any tensor is read (`plan_growth`, then the target config class itself);
-then tensors stream layer by layer from the reader through the pure recipes in netmorph/ops/grow.py to the
-sharded writer inside an atomic output dir; finally the grown model is loaded fresh from disk with the stock
+then the whole growth runs once on meta tensors (no data) to plan the output, and tensors stream layer by layer
+from the reader through the pure recipes in netmorph/ops/grow.py to the streaming writer (one layer in memory,
+unchanged tensors copied file to file) inside an atomic output dir; finally the grown model is loaded fresh from disk with the stock
 transformers class and compared with the source on real text.
 """
 
@@ -18,8 +19,9 @@ import torch
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.arch.families import GROW_DIMS
 from netmorph.errors import NetmorphError
-from netmorph.io.reader import TensorReader
-from netmorph.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
+from netmorph.io.reader import MetaReader, TensorReader
+from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
+from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops import grow as ops
 from netmorph.options import GrowOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
@@ -405,15 +407,15 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
-    embedding = reader.get(spec.embed)
-    dtype = embedding.dtype
+    dtype = reader.describe(spec.embed).dtype
     if t.hidden == s.hidden:
         for name in handled:
             if name in reader and not (tied and name == spec.lm_head):
-                writer.add(name, reader.get(name))
+                pass_through(reader, writer, name)
     elif spec.hidden_growth == "copies":
         _copy_globals(reader, spec, t.hidden // s.hidden, embed_scale, tied, writer, generator, options)
     else:
+        embedding = reader.get(spec.embed)
         writer.add(spec.embed, ops.grow_embedding(embedding, t.hidden, spec.norm, embed_scale).to(dtype))
         if spec.position_embed in reader:  # GPT-2's learned positions write the residual stream like the tokens
             writer.add(spec.position_embed, ops.grow_embedding(reader.get(spec.position_embed), t.hidden,
@@ -439,14 +441,14 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
         if t.hidden != s.hidden:
             raise NetmorphError(f"the checkpoint holds {name}, which netmorph does not know how to grow in hidden "
                                 "size: please report it")
-        writer.add(name, reader.get(name))
+        pass_through(reader, writer, name)
 
 
 def _copy_globals(reader, spec: ArchSpec, copies: int, embed_scale: float, tied: bool, writer, generator,
                   options: GrowOptions) -> None:
     """Embedding, final norm and head for hidden growth by copies. A tied head reads the k copies of the final norm
     through the (scaled) embedding copies: the final norm's gain × 1/(k·scale) brings the logits back."""
-    dtype = reader.get(spec.embed).dtype
+    dtype = reader.describe(spec.embed).dtype
     writer.add(spec.embed, ops.copy_embedding(reader.get(spec.embed), copies, embed_scale).to(dtype))
     bias_name = f"{spec.final_norm}.bias"
     weight, bias = ops.copy_norm(reader.get(f"{spec.final_norm}.weight"),
@@ -460,7 +462,9 @@ def _copy_globals(reader, spec: ArchSpec, copies: int, embed_scale: float, tied:
                                                   options.init_std).to(dtype))
 
 
-def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer: ShardedWriter, options: GrowOptions):
+def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, options: GrowOptions):
+    """Stream every output tensor to the writer (anything with `add(name, tensor)`), one layer at a time.
+    Run on a `MetaReader` into a `PlanRecorder` (see `plan_tensors`) it yields the output plan."""
     spec = plan.spec
     layer_keys = _layer_keys(reader, spec)
     missing = [i for i in range(plan.source.layers) if i not in layer_keys]
@@ -471,18 +475,48 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer: Sha
                  {name for names in layer_keys.values() for name in names})
     cached_idx, cached = None, None
     for out_idx, (source_idx, is_new) in enumerate(plan.layer_sources):
+        names = layer_keys[source_idx]
+        if not is_new and _layer_unchanged(reader, plan, names):
+            read_layer(MetaReader(reader), spec, source_idx, names, plan.source)  # its shape checks, on no data
+            copy_layer(reader, spec, source_idx, out_idx, names, writer)
+            continue
         if source_idx != cached_idx:
-            cached_idx, cached = source_idx, read_layer(reader, spec, source_idx, layer_keys[source_idx], plan.source)
+            cached_idx, cached = source_idx, read_layer(reader, spec, source_idx, names, plan.source)
         layer, extras = cached
         if extras and plan.attention_changes:
             raise NetmorphError(f"layer {source_idx} holds {next(iter(extras))}, which netmorph cannot grow with "
                                 f"heads/head_dim/hidden: grow {_flag('num_layers')} or {_flag('intermediate_size')} only")
-        dtype = reader.get(layer_keys[source_idx][0]).dtype
+        dtype = reader.describe(names[0]).dtype
         # One generator per output layer: its bytes do not depend on the other layers.
         generator = torch.Generator().manual_seed(base_seed + out_idx)
         grown = grow_layer(layer, plan, is_new, options, generator, out_idx)
         write_layer(grown, extras, spec, out_idx, plan.target, dtype, writer)
         log.debug("layer %d ← %s layer %d", out_idx, "new, from" if is_new else "source", source_idx)
+
+
+def _layer_unchanged(reader: TensorReader, plan: GrowthPlan, names: list[str]) -> bool:
+    """A source layer that only grows in depth (no width change) and has one dtype comes out as the same bytes:
+    `copy_layer` copies its tensors file to file instead of computing them (float64 and back is lossless)."""
+    s, t = plan.source, plan.target
+    if (s.intermediate, s.heads, s.kv_heads, s.head_dim, s.hidden) != (t.intermediate, t.heads, t.kv_heads,
+                                                                        t.head_dim, t.hidden):
+        return False
+    return len({reader.describe(name).dtype for name in names}) == 1
+
+
+def copy_layer(reader: TensorReader, spec: GrowSpec, source_idx: int, out_idx: int, names: list[str], writer) -> None:
+    source_prefix, out_prefix = spec.layer_prefix.format(i=source_idx), spec.layer_prefix.format(i=out_idx)
+    for name in names:
+        pass_through(reader, writer, name, out_prefix + name[len(source_prefix):])
+    log.debug("layer %d ← source layer %d (copied)", out_idx, source_idx)
+
+
+def plan_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, options: GrowOptions):
+    """Every output tensor's name, shape and dtype: the growth run on meta tensors, allocating nothing. Random
+    draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data value)."""
+    planning = options.model_copy(update={"init_std": options.init_std or 1.0})
+    with torch.device("meta"):
+        return plan_output(lambda recorder: grow_tensors(MetaReader(reader), plan, tied, recorder, planning))
 
 
 # ── the command ─────────────────────────────────────────────────────────────────────────────────────────────────
@@ -495,7 +529,7 @@ def describe(plan: GrowthPlan) -> str:
 
 def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options: GrowOptions,
                      reports: list[VerifyReport], model_class: str) -> None:
-    flags = {k: v for k, v in options.model_dump().items() if v is not None and k not in ("force", "debug", "verify")}
+    flags = {k: v for k, v in options.model_dump().items() if v is not None and k not in ("force", "debug", "verify", "progress")}
     lines = [
         "---", "library_name: transformers", "tags: [netmorph, growth]", "---",
         f"# Grown `{source.description}`", "",
@@ -550,14 +584,18 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
     config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
-    config.dtype = reader.get(spec.embed).dtype if spec.embed in reader else torch.float32
+    config.dtype = reader.describe(spec.embed).dtype if spec.embed in reader else torch.float32
     tied = spec.is_tied(source.config)
     log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
 
+    output_plan = plan_tensors(reader, plan, tied, options)
+
     with atomic_output_dir(output_dir) as tmp:
-        writer = ShardedWriter(tmp, parse_size(options.max_shard_size))
-        grow_tensors(reader, plan, tied, writer, options)
-        writer.finish()
+        with StreamingWriter(tmp, output_plan, parse_size(options.max_shard_size), progress=options.progress,
+                             description="growing") as writer:
+            grow_tensors(reader, plan, tied, writer, options)
+            writer.finish()
+        release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
         config.save_pretrained(tmp)
         source.save_tokenizer(tmp)
         source.save_generation_config(tmp)

@@ -42,6 +42,7 @@ class CheckpointOptions(BaseModel):
     max_shard_size: str = Field("5GB", description="Largest safetensors shard written (e.g. 500MB, 5GB).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
     trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
+    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -70,7 +71,6 @@ class ConvertOptions(CheckpointOptions):
     lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
     verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
-    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
     export: Literal["netmorph", "diffllama"] = Field("netmorph", description="netmorph: netmorph's differential-attention model (exact; remote code). diffllama: a stock transformers DiffLlama checkpoint (no remote code; approximate, divergence measured).")
     diffllama_anchor: float = Field(100.0, ge=0, description="--export diffllama: value anchor that keeps DiffLlama's per-head RMSNorm nearly linear (larger: closer to the source, slower o_proj learning; 0: no anchor).")
 
@@ -108,7 +108,6 @@ class QkvLayoutOptions(CheckpointOptions):
     to: Literal["separate", "sequential", "interleaved", "grouped"] | None = Field(None, description="Target layout of the q/k/v projections (required): separate (Llama q/k/v_proj), sequential ([Q|K|V]: Phi-3, GPT-2), interleaved (per head [q,k,v]: GPT-NeoX; needs as many KV heads as query heads), grouped (per KV group: Falcon).")
     allow_non_stock: bool = Field(False, description="Also write a layout no stock transformers class reads (e.g. GPT-NeoX --to sequential); config.json records netmorph_qkv_layout.")
     tolerance: float = Field(1e-5, gt=0, description="Max |Δlogit| (fp32) the logit verification accepts when a stock class reads the output.")
-    progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
 
     @model_validator(mode="after")
     def _has_target(self):

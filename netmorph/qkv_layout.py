@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import FAMILIES, ArchSpec, spec_for
-from netmorph.convert import pass_through
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader
-from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops.grow import split_gate_up
 from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes

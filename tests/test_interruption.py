@@ -173,3 +173,35 @@ def test_stale_temp_dirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
         (tmp / "file").write_text("done")
     assert (out / "file").read_text() == "done"
     assert not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_sigkill_while_growing_leaves_no_output_and_rerun_succeeds(tmp_path):
+    """`grow` writes through the same streaming writer inside the same atomic temp dir: killed while its shards are
+    being filled, it leaves nothing at the output path, and a re-run removes the dead run's temp dir and writes the
+    same bytes as an uninterrupted run."""
+    source = save_tiny_model(tmp_path / "src", "llama", **MODEL)
+    reference, out = tmp_path / "reference", tmp_path / "killed" / "out"
+    args = ["grow", str(source), "--num-layers", "6", "--intermediate-size", "1024", "--max-shard-size", SHARD,
+            "--no-verify", "--seed", "3"]
+    result = CliRunner().invoke(main, [*args, "-o", str(reference)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    reference_hashes = sha256_of_weights(reference)
+    assert len(reference_hashes) >= 8
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out.parent.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "netmorph.cli", *args, "-o", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    while stage_on_disk(out) != "shards allocated" and process.poll() is None and time.monotonic() - started < 120:
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before its shards were seen"
+    assert not out.exists() and partial_dirs(out)  # killed mid-write: only the temp dir, with its shard files
+
+    result = CliRunner().invoke(main, [*args, "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not partial_dirs(out)
+    assert sha256_of_weights(out) == reference_hashes

@@ -291,3 +291,97 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
         peaks[layers] = int(run.stdout.split()[-1]) * 1024  # VmHWM in kB: this process's own peak RSS
     growth = peaks[32] - peaks[8]
     assert growth < 48 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float64])
+def test_finiteness_check_of_copied_tensors_counts_like_check_finite(tmp_path, dtype):
+    """Tensors copied file to file are checked piece by piece on the writer thread: the same NaN/Inf counts and
+    message as `check_finite` on the whole tensor, wherever the bad values fall (first/last element, both sides of
+    a piece boundary), and a clean tensor (values whose float32 sum overflows included) passes."""
+    import os
+
+    from netmorph.errors import NetmorphError
+    from netmorph.io.reader import check_finite, check_finite_in_file
+
+    bad = float("nan") if dtype == torch.float8_e4m3fn else float("inf")  # e4m3fn has no Inf
+    clean = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        clean[:4] = torch.finfo(dtype).max  # the fast sum overflows; the exact count must find nothing
+    damaged = clean.clone()
+    for index, value in ((0, float("nan")), (6, bad), (7, float("nan")), (999, bad), (500, float("nan"))):
+        damaged[index] = value
+    save_file({"clean": clean, "damaged": damaged, "ints": torch.arange(10)}, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(tmp_path)
+    with pytest.raises(NetmorphError) as whole:
+        check_finite("damaged", damaged)
+    path, offset = reader.file_range("damaged")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for buffer_bytes in (7 * dtype.itemsize, 7 * dtype.itemsize + 1, 2**20):  # pieces of 7 elements, or one
+            with pytest.raises(NetmorphError) as piecewise:
+                check_finite_in_file(reader.describe("damaged"), fd, offset, bytearray(buffer_bytes))
+            assert str(piecewise.value) == str(whole.value)
+            check_finite_in_file(reader.describe("clean"), fd, reader.file_range("clean")[1], bytearray(buffer_bytes))
+    finally:
+        os.close(fd)
+    plan = [reader.describe(name) for name in reader.keys()]
+    (tmp_path / "out").mkdir()
+    with StreamingWriter(tmp_path / "out", plan, max_shard_bytes=10**9) as writer:
+        for spec in plan:
+            writer.add_file_range(spec.name, spec, *reader.file_range(spec.name), check_finite=True)
+        with pytest.raises(NetmorphError) as streamed:
+            writer.finish()
+    assert str(streamed.value) == str(whole.value)
+    expected = "5 NaN and 0 Inf" if dtype == torch.float8_e4m3fn else "3 NaN and 2 Inf"
+    assert f"tensor damaged holds {expected} values" in str(whole.value)
+
+
+GROW_CASES = {
+    "llama-depth-interleave": ("llama", dict(num_layers=5, new_layers_at="interleave")),
+    "llama-every-dimension": ("llama", dict(num_layers=3, intermediate_size=64, num_attention_heads=18,
+                                            num_key_value_heads=6, head_dim=12, hidden_size=54, new_layers_at="0",
+                                            layer_init="normal")),
+    "phi3-fused": ("phi3", dict(num_key_value_heads=4, num_layers=3, intermediate_size=80)),
+    "gpt_neox-hidden": ("gpt_neox", dict(hidden_size=80)),
+    "gemma-head-dim": ("gemma", dict(head_dim=24)),
+}
+
+
+@pytest.mark.parametrize("case", GROW_CASES)
+def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
+    """`grow` plans on meta tensors and streams (unchanged layers copied file to file): the same weight files,
+    shard split and index as growing a bf16 checkpoint into the in-memory ShardedWriter, tensor by computed tensor."""
+    from netmorph.arch.grow_specs import grow_spec_for
+    from netmorph.grow import grow_tensors, plan_growth
+    from netmorph.options import GrowOptions
+    from tests.grow_helpers import grow_tiny, save_tiny
+
+    family, values = GROW_CASES[case]
+    source = save_tiny(tmp_path / "src", family, dtype=torch.bfloat16)
+    options = GrowOptions.build(max_shard_size="8KB", seed=5, verify=False, **values)
+    grow_tiny(source, tmp_path / "streamed", **options.model_dump(exclude_defaults=True))
+
+    resolved = resolve_source(str(source))
+    plan = plan_growth(resolved.config, grow_spec_for(family), options)
+    (tmp_path / "memory").mkdir()
+    writer = ShardedWriter(tmp_path / "memory", parse_size(options.max_shard_size))
+    grow_tensors(SafetensorsReader(source), plan, bool(resolved.config.tie_word_embeddings), writer, options)
+    writer.finish()
+    reference = sha256s(tmp_path / "memory")
+    assert len(reference) > 2
+    assert sha256s(tmp_path / "streamed") == reference
+
+
+def test_grow_peak_memory_does_not_grow_with_model_size(tmp_path):
+    """Growing 4x the layers (84 MB → 336 MB of weights, the same largest tensor; depth + MLP width, so every layer
+    is computed in float64) costs no more peak memory."""
+    peaks = {}
+    for layers in (8, 32):
+        source = synthesize_llama(tmp_path / f"src{layers}", layers)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, "grow", str(source), "-o", str(tmp_path / f"out{layers}"),
+                              "--num-layers", str(layers + 4), "--intermediate-size", "1280", "--no-verify",
+                              "--no-progress", "--max-shard-size", "64MB"], check=True, capture_output=True, text=True, timeout=300)
+        peaks[layers] = int(run.stdout.split()[-1]) * 1024
+        assert len(list((tmp_path / f"out{layers}").glob("*.safetensors"))) > 1  # sharded, with an index
+    growth = peaks[32] - peaks[8]
+    assert growth < 48 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"

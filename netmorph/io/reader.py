@@ -5,6 +5,7 @@ memory-mapped, so a conversion's resident memory is the tensors it holds, not th
 Shapes and dtypes come from the shard headers without reading any data (`describe`, `MetaReader`).
 """
 
+import errno
 import json
 import os
 import struct
@@ -89,17 +90,59 @@ def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     loads fine and then produces NaN logits (and NaN also passes a `diff > tolerance` check silently)."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return tensor
+    nan, inf = count_nonfinite(tensor)
+    if nan or inf:
+        raise nonfinite_error(name, nan, inf)
+    return tensor
+
+
+def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, ±Inf count) of a floating-point CPU tensor; one fast pass when there are none."""
     values = tensor.float() if tensor.element_size() == 1 else tensor  # fp8 has no isnan kernel on every backend
     if torch.isfinite(values.sum()):
-        return tensor  # any NaN or ±Inf makes the sum non-finite (a finite overflow falls through to the exact count)
+        return 0, 0  # any NaN or ±Inf makes the sum non-finite (a finite overflow falls through to the exact count)
     finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        nan, total = int(torch.isnan(values).sum()), int((~finite).sum())
-        raise NetmorphError(
-            f"tensor {name} holds {nan} NaN and {total - nan} Inf values: the checkpoint is damaged (or saved after a "
-            "diverged training step); re-download it or fix that tensor"
-        )
-    return tensor
+    if bool(finite.all()):
+        return 0, 0
+    nan = int(torch.isnan(values).sum())
+    return nan, int((~finite).sum()) - nan
+
+
+def nonfinite_error(name: str, nan: int, inf: int) -> NetmorphError:
+    return NetmorphError(
+        f"tensor {name} holds {nan} NaN and {inf} Inf values: the checkpoint is damaged (or saved after a "
+        "diverged training step); re-download it or fix that tensor"
+    )
+
+
+# Pieces in which `check_finite_in_file` reads a tensor: small enough to stay in the CPU caches, large enough that
+# the per-piece overhead does not count.
+CHECK_CHUNK_BYTES = 4 * 2**20
+
+
+def check_finite_in_file(spec: TensorSpec, fd: int, offset: int, buffer: bytearray | None = None) -> None:
+    """`check_finite` for a tensor's raw bytes in a file (a tensor copied file to file, never loaded whole): reads
+    it in pieces into one reused buffer, so the check costs a read from the page cache and no memory.
+    Raises the same error, with the same counts, as `check_finite` on the whole tensor."""
+    if not spec.dtype.is_floating_point or not spec.nbytes:
+        return
+    item = spec.dtype.itemsize
+    buffer = buffer if buffer is not None else bytearray(CHECK_CHUNK_BYTES)
+    view = memoryview(buffer)
+    step = len(view) - len(view) % item  # whole elements per piece
+    nan = inf = done = 0
+    while done < spec.nbytes:
+        want, got = min(step, spec.nbytes - done), 0
+        while got < want:
+            count = os.preadv(fd, [view[got:want]], offset + done + got)
+            if not count:
+                raise OSError(errno.EIO, f"the file ends inside tensor {spec.name}")
+            got += count
+        piece = torch.frombuffer(buffer, dtype=torch.uint8, count=want).view(spec.dtype)
+        piece_nan, piece_inf = count_nonfinite(piece)
+        nan, inf, done = nan + piece_nan, inf + piece_inf, done + want
+    if nan or inf:
+        raise nonfinite_error(spec.name, nan, inf)
 
 
 class TensorReader:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from netmorph.io.reader import DTYPES, INDEX_NAME, TensorSpec
+from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorReader, TensorSpec, check_finite_in_file
 
 SAFETENSORS_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The order of safetensors' Dtype enum: `save_file` writes tensors by descending dtype, then by name.
@@ -122,7 +122,8 @@ class StreamingWriter:
     Space for every shard is reserved when the writer is created, so a full disk fails before any work.
     Tensors may arrive in any order; `finish` checks that every planned tensor arrived and writes the index.
     `add_file_range` takes a tensor that lies unchanged in another file: the kernel copies it, file to file.
-    Writes run on one background thread, so the disk works while the caller reads and converts the next tensors;
+    Writes run on one background thread (NaN/Inf checks of file-to-file copies on a second one, ahead of them), so
+    the disk works while the caller reads and converts the next tensors;
     `add` waits once more than `MAX_BYTES_IN_FLIGHT` are queued, and a write error is raised by the next `add` or
     by `finish`.
     """
@@ -156,6 +157,8 @@ class StreamingWriter:
         self._in_flight: deque[tuple[Future, int]] = deque()
         self._in_flight_bytes = 0
         self._progress_after: dict[Future, int] = {}  # bytes of file-to-file copies, counted when done
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmorph-check")
+        self._check_buffer: bytearray | None = None  # the checker thread's buffer for `check_finite_in_file`
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._check(name, tuple(tensor.shape), tensor.dtype)
@@ -169,20 +172,38 @@ class StreamingWriter:
         self._in_flight.append((future, spec.nbytes))
         self._in_flight_bytes += spec.nbytes
 
-    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int) -> None:
+    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int, check_finite: bool = False) -> None:
         """A tensor whose bytes lie unchanged in another file (a tensor passed through a conversion): the kernel
-        copies them file to file, as `cp` does, without them ever entering this process's memory."""
+        copies them file to file, as `cp` does, without them ever entering this process's memory. With
+        `check_finite`, a second thread first reads them piece by piece and refuses NaN/Inf (`check_finite_in_file`),
+        running ahead of the copies; the error surfaces from a later `add` or from `finish`, and the copy of a
+        refused tensor never starts."""
         self._check(name, spec.shape, spec.dtype)
         self._written.add(name)
         while self._in_flight and self._in_flight[0][0].done():
             self._retire_oldest()
         index, destination = self._place[name]
-        future = self._thread.submit(self._copy, index, path, offset, destination, spec.nbytes)
+        checked = self._checker.submit(self._check_finite, spec, path, offset) if check_finite else None
+        future = self._thread.submit(self._copy, index, spec, path, offset, destination, checked)
         self._in_flight.append((future, 0))  # no memory held while it waits
         self._progress_after[future] = spec.nbytes
 
-    def _copy(self, index: int, path: Path, offset: int, destination: int, nbytes: int) -> None:
+    def _check_finite(self, spec: TensorSpec, path: Path, offset: int) -> None:
+        """On the checker thread, with its one reused buffer."""
+        if self._check_buffer is None:
+            self._check_buffer = bytearray(CHECK_CHUNK_BYTES)
         source = os.open(path, os.O_RDONLY)
+        try:
+            check_finite_in_file(spec, source, offset, self._check_buffer)
+        finally:
+            os.close(source)
+
+    def _copy(self, index: int, spec: TensorSpec, path: Path, offset: int, destination: int,
+              checked: Future | None) -> None:
+        if checked is not None:
+            checked.result()  # NaN/Inf: raised here, so in the caller's thread by `_retire_oldest`
+        source = os.open(path, os.O_RDONLY)
+        nbytes = spec.nbytes
         try:
             done = 0
             while done < nbytes:
@@ -236,6 +257,7 @@ class StreamingWriter:
         while self._in_flight:
             self._retire_oldest()
         self._thread.shutdown()
+        self._checker.shutdown()
         missing = [name for name in self._specs if name not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, the first is {missing[0]}")
@@ -252,6 +274,7 @@ class StreamingWriter:
         for future, _ in self._in_flight:
             future.cancel()
         self._thread.shutdown(wait=True)
+        self._checker.shutdown(wait=True, cancel_futures=True)
         self._in_flight.clear()
         for index in list(self._fds):
             self._close(index)
@@ -263,6 +286,18 @@ class StreamingWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pass_through(reader: TensorReader, writer, name: str, output_name: str | None = None) -> None:
+    """A tensor a command keeps as it is (under `output_name`, if it moves): copied file to file by the kernel when
+    the reader knows where its bytes lie and the writer can copy (a `StreamingWriter`, whose thread also checks them
+    to be finite, reading them once from the page cache in small pieces), else read (checked to be finite),
+    written and dropped. On a `MetaReader` into a `PlanRecorder` it plans the tensor."""
+    location = reader.file_range(name)
+    if location is not None and hasattr(writer, "add_file_range"):
+        writer.add_file_range(output_name or name, reader.describe(name), *location, check_finite=True)
+    else:
+        writer.add(output_name or name, reader.get(name))
 
 
 def release_freed_memory() -> None:
