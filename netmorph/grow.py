@@ -476,7 +476,7 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, opt
     cached_idx, cached = None, None
     for out_idx, (source_idx, is_new) in enumerate(plan.layer_sources):
         names = layer_keys[source_idx]
-        if not is_new and _layer_unchanged(reader, plan, names):
+        if not is_new and _layer_unchanged(reader, plan, names, out_idx):
             read_layer(MetaReader(reader), spec, source_idx, names, plan.source)  # its shape checks, on no data
             copy_layer(reader, spec, source_idx, out_idx, names, writer)
             continue
@@ -494,17 +494,20 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, opt
         log.debug("layer %d ← %s layer %d", out_idx, "new, from" if is_new else "source", source_idx)
 
 
-def _layer_unchanged(reader: TensorReader, plan: GrowthPlan, names: list[str]) -> bool:
-    """A source layer that only grows in depth (no width change) and has one dtype comes out as the same bytes:
-    `copy_layer` copies its tensors file to file instead of computing them (float64 and back is lossless)."""
+def _layer_unchanged(reader: TensorReader, plan: GrowthPlan, names: list[str], out_idx: int) -> bool:
+    """A source layer that only grows in depth (no width change, no per-layer q rescale) and has one dtype comes out
+    as the same bytes: `copy_layer` copies its tensors file to file instead of computing them (float64 and back is
+    lossless)."""
     s, t = plan.source, plan.target
+    if plan.q_scales and plan.q_scales[out_idx] != 1.0:
+        return False
     if (s.intermediate, s.heads, s.kv_heads, s.head_dim, s.hidden) != (t.intermediate, t.heads, t.kv_heads,
                                                                         t.head_dim, t.hidden):
         return False
     return len({reader.describe(name).dtype for name in names}) == 1
 
 
-def copy_layer(reader: TensorReader, spec: GrowSpec, source_idx: int, out_idx: int, names: list[str], writer) -> None:
+def copy_layer(reader: TensorReader, spec: ArchSpec, source_idx: int, out_idx: int, names: list[str], writer) -> None:
     source_prefix, out_prefix = spec.layer_prefix.format(i=source_idx), spec.layer_prefix.format(i=out_idx)
     for name in names:
         pass_through(reader, writer, name, out_prefix + name[len(source_prefix):])
