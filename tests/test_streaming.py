@@ -351,7 +351,7 @@ GROW_CASES = {
 def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     """`grow` plans on meta tensors and streams (unchanged layers copied file to file): the same weight files,
     shard split and index as growing a bf16 checkpoint into the in-memory ShardedWriter, tensor by computed tensor."""
-    from netmorph.arch.grow_specs import grow_spec_for
+    from netmorph.arch import spec_for
     from netmorph.grow import grow_tensors, plan_growth
     from netmorph.options import GrowOptions
     from tests.grow_helpers import grow_tiny, save_tiny
@@ -362,10 +362,11 @@ def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     grow_tiny(source, tmp_path / "streamed", **options.model_dump(exclude_defaults=True))
 
     resolved = resolve_source(str(source))
-    plan = plan_growth(resolved.config, grow_spec_for(family), options)
+    spec = spec_for(family, "grow")
+    plan = plan_growth(resolved.config, spec, options)
     (tmp_path / "memory").mkdir()
     writer = ShardedWriter(tmp_path / "memory", parse_size(options.max_shard_size))
-    grow_tensors(SafetensorsReader(source), plan, bool(resolved.config.tie_word_embeddings), writer, options)
+    grow_tensors(SafetensorsReader(source), plan, spec.is_tied(resolved.config), writer, options)
     writer.finish()
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2
