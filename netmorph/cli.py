@@ -65,6 +65,7 @@ def convert_diff_transformer_command(source, output_dir, **values):
       --zero-init      negative q/k zeros; caveat: zero q2 AND zero k2 is a saddle, neither gets a gradient
       --mirror-weights negative q/k copy the positive ones
       --lambda-start zero  λ = 0 exactly at any mix, still trainable
+      --variant v2     DIFF V2: paired query heads, per-token λ = sigmoid(lambda_proj(x)) (bitwise exact)
     Approximate modes (the measured divergence is printed and put in the model card):
       --split-heads    half the heads become the negative component (needs even head counts)
       --sublayer-norm  the paper's per-head RMSNorm before o_proj

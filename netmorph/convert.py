@@ -52,9 +52,18 @@ MODE_NOTES = {
     "only H/2 positive attention patterns remain.",
     "sublayer_norm": "sub-layer norm: the paper's per-head RMSNorm before o_proj. Approximate: no linear map undoes "
     "a normalisation.",
+    "v2": "DIFF V2: query heads 2j and 2j + 1 both copy source head j, lambda_proj = 0 (λ = sigmoid(0) = 0.5) and "
+    "o_proj × 2, so 2·(a − 0.5·a) = a: exact with no mix; the paired heads get different gradients (2g and −g) and "
+    "diverge in training. K/V and the KV cache are the source model's.",
     "lambda_zero": "λ start 'zero': λ_init = 0 and the four λ vectors equal one non-zero vector, so λ = 0 exactly at "
     "any mix and every λ vector still receives a gradient.",
 }
+
+
+LAMBDA_V1 = ("λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init). `mix` is a buffer in the checkpoint, 0 after conversion;",
+             "raise it during fine-tuning (a linear warm-up from 0 to 1) to switch the negative branch on.")
+LAMBDA_V2 = ("Differential head j = out[2j] − λ·out[2j + 1] with λ = sigmoid(lambda_proj(x)) per token and head; "
+             "lambda_proj = 0 after conversion (λ = 0.5), o_proj doubled.",)
 
 
 @dataclass
@@ -114,7 +123,7 @@ def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype:
         o_bias=spec.bias(c, "o"),
         sliding_window=getattr(c, "sliding_window", None) if "sliding_attention" in layer_types else None,
         layer_types=layer_types,
-        diff_layout="split" if options.split_heads else "doubled",
+        diff_layout=options.diff_layout,
         sublayer_norm=options.sublayer_norm,
         lambda_std=options.lambda_std,
         source_model_type=c.model_type,
@@ -168,7 +177,7 @@ def family_target_config(source_config, spec: ArchSpec, options: ConvertOptions,
     values = {k: v for k, v in source_config.to_dict().items() if k not in FILE_CONFIG_KEYS}
     return config_class(
         **values,
-        diff_layout="split" if options.split_heads else "doubled",
+        diff_layout=options.diff_layout,
         sublayer_norm=options.sublayer_norm,
         lambda_std=options.lambda_std,
         source_model_type=spec.model_type,
@@ -284,7 +293,7 @@ def convert_layer(
 
 def recipe_from(options: ConvertOptions) -> DiffAttentionRecipe:
     return DiffAttentionRecipe(
-        layout="split" if options.split_heads else "doubled",
+        layout=options.diff_layout,
         negative_init=options.negative_init,
         negative_std=options.negative_std,
         lambda_start=options.lambda_start,
@@ -324,6 +333,8 @@ def fresh_training_settings() -> dict:
 
 
 def mode_notes(options: ConvertOptions) -> list[str]:
+    if options.variant == "v2":
+        return [MODE_NOTES["v2"]]
     notes = [MODE_NOTES["split"] if options.split_heads else MODE_NOTES[options.negative_init]]
     if options.sublayer_norm:
         notes.append(MODE_NOTES["sublayer_norm"])
@@ -354,8 +365,7 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         f"- {exactness}",
         *[f"- {note}" for note in mode_notes(options)],
         "",
-        "λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init). `mix` is a buffer in the checkpoint, 0 after conversion;",
-        "raise it during fine-tuning (a linear warm-up from 0 to 1) to switch the negative branch on.",
+        *(LAMBDA_V2 if options.variant == "v2" else LAMBDA_V1),
         "",
         "## Verification (fp32, real text)",
         "",

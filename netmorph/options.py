@@ -71,6 +71,7 @@ class ConvertOptions(CheckpointOptions):
     lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
     verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
+    variant: Literal["v1", "v2"] = Field("v1", description="v1: the paper's differential attention (λ vectors, λ_init, mix). v2: DIFF V2 — 2H query heads in one attention call, K/V unchanged, per-token λ = sigmoid(lambda_proj(x)); exact from paired heads.")
     export: Literal["netmorph", "diffllama"] = Field("netmorph", description="netmorph: netmorph's differential-attention model (exact; remote code). diffllama: a stock transformers DiffLlama checkpoint (no remote code; approximate, divergence measured).")
     diffllama_anchor: float = Field(100.0, ge=0, description="--export diffllama: value anchor that keeps DiffLlama's per-head RMSNorm nearly linear (larger: closer to the source, slower o_proj learning; 0: no anchor).")
 
@@ -84,11 +85,24 @@ class ConvertOptions(CheckpointOptions):
                                  "norm and λ_init): drop it or drop --export diffllama")
             if self.verify_mode == "layerwise":
                 raise ValueError("--export diffllama verifies the whole model: drop --verify-mode layerwise")
+        if self.variant == "v2":
+            conflicting = [flag for flag, on in (("--split-heads", self.split_heads), ("--sublayer-norm", self.sublayer_norm),
+                                                 ("--zero-init", self.zero_init), ("--mirror-weights", self.mirror_weights),
+                                                 ("--lambda-start zero", self.lambda_start == "zero"),
+                                                 ("--export diffllama", self.export == "diffllama")) if on]
+            if conflicting:
+                raise ValueError(f"{conflicting[0]} does not apply to --variant v2 (its negative heads are mirrored "
+                                 "query heads and λ = sigmoid(lambda_proj(x))): drop it or drop --variant v2")
         if self.zero_init and self.mirror_weights:
             raise ValueError("--zero-init and --mirror-weights conflict: choose one negative-component init")
         if self.split_heads and (self.zero_init or self.mirror_weights):
             raise ValueError("--split-heads reuses existing heads as the negative component: drop --zero-init/--mirror-weights")
         return self
+
+    @property
+    def diff_layout(self) -> str:
+        """The converted model's attention layout: "doubled", "split" (--split-heads) or "v2" (--variant v2)."""
+        return "v2" if self.variant == "v2" else "split" if self.split_heads else "doubled"
 
     @property
     def negative_init(self) -> str:

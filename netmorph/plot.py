@@ -55,7 +55,7 @@ def plot_training(run_dirs: list[str | Path], output: str | Path, size: tuple[fl
         for key in sorted({k for entry in history for k in entry if k.startswith("diff_attn/")}):
             steps, values = series(history, key)
             short = key.removeprefix("diff_attn/")
-            if key == "diff_attn/mix" or key.endswith("/lambda_full") or key == "diff_attn/lambda_full_mean":
+            if key in ("diff_attn/mix", "diff_attn/lambda_full_mean") or key.endswith(("/lambda_full", "/lambda_mean")):
                 lambda_axis.plot(steps, values, label=f"{name} {short}")
             elif key.endswith("_entropy"):
                 entropy_axis.plot(steps, values, label=f"{name} {short}")
@@ -87,7 +87,7 @@ def _save(figure, output: str | Path) -> Path:
 def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Positive and negative softmax maps (heads, T, T) of one differential-attention layer for one sequence,
     from the layer's real input during a forward pass, and the λ the layer applies."""
-    from netmorph.train.callbacks import attention_input, diff_attention_modules
+    from netmorph.train.callbacks import attention_input, diff_attention_modules, token_lambda
 
     modules = diff_attention_modules(model)
     if not modules:
@@ -99,6 +99,7 @@ def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Te
     def hook(mod, args, kwargs):
         hidden, position_embeddings = attention_input(args, kwargs)
         captured["maps"] = mod.branch_probabilities(hidden[:1], position_embeddings)
+        captured["lambda"] = token_lambda(mod, hidden[:1])
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -106,7 +107,12 @@ def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Te
     finally:
         handle.remove()
     positive, negative = captured["maps"]
-    return positive[0], negative[0], module.lambda_full().item()
+    lam = captured["lambda"]  # a float, or DIFF V2's per-token (1, heads, T, 1)
+    return positive[0], negative[0], lam[0] if isinstance(lam, torch.Tensor) else lam
+
+
+def _describe(lam) -> str:
+    return f"{lam:.3f}" if isinstance(lam, float) else f"per token, mean {lam.mean().item():.3f}"
 
 
 def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, output: str | Path,
@@ -120,7 +126,7 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, 
         raise NetmorphError(f"--head {head} is out of range: layer {layer} has heads 0..{positive.shape[0] - 1}")
     pick = (lambda maps: maps[head]) if head is not None else (lambda maps: maps.mean(0))
     panels = {"positive softmax": pick(positive), "negative softmax": pick(negative),
-              f"differential: pos − λ·neg (λ = {lam:.3f})": pick(positive - lam * negative)}
+              f"differential: pos − λ·neg (λ = {_describe(lam)})": pick(positive - lam * negative)}
     tokens = [tokenizer.decode([t]) for t in input_ids[0].tolist()]
     figure, axes = plt.subplots(1, 3, figsize=size, dpi=DPI)
     causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()

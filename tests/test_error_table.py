@@ -312,6 +312,13 @@ def export_diffllama_sliding(case):
     return [CONVERT, case.src, "-o", case.out, "--export", "diffllama"]
 
 
+@row("`--variant v2 --split-heads`",
+     "--split-heads does not apply to --variant v2 (its negative heads are mirrored query heads and λ = "
+     "sigmoid(lambda_proj(x))): drop it or drop --variant v2")
+def variant_v2_split(case):
+    return [CONVERT, case.src, "-o", case.out, "--variant", "v2", "--split-heads"]
+
+
 @row("`--export diffllama --split-heads`",
      "--split-heads does not apply to --export diffllama (DiffLlama fixes its layout, norm and "
      "λ_init): drop it or drop --export diffllama")

@@ -18,21 +18,33 @@ WINDOW = 7  # Mistral's sliding window in the tiny config
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Tiny Llama (full attention) and Mistral (sliding window) conversions in the doubled and split layouts."""
+    """Tiny Llama (full attention) and Mistral (sliding window) conversions in the doubled, split and DIFF V2 layouts."""
     root = tmp_path_factory.mktemp("masks")
     paths = {}
     for family in ("llama", "mistral"):
         save_tiny_model(root / family, family, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
         paths[family, "doubled"] = convert(root / family, root / f"{family}-doubled").output_dir
         paths[family, "split"] = convert(root / family, root / f"{family}-split", split_heads=True).output_dir
+        paths[family, "v2"] = convert(root / family, root / f"{family}-v2", variant="v2").output_dir
     return paths
 
 
 def switched_on(path, backend, dtype=torch.float32):
-    """The converted model with mix = 1 (λ ≠ 0): the negative branch contributes, so its masking is tested too."""
+    """The converted model with mix = 1 (λ ≠ 0): the negative branch contributes, so its masking is tested too.
+    DIFF V2 has no mix: its negative (odd) query heads are perturbed away from their mirrored pairs and lambda_proj
+    gets random weights, so λ varies per token and head (the same numbers on every call)."""
     model = load(path, backend).to(dtype)
+    generator = torch.Generator().manual_seed(1)
     for layer in model.model.layers:
-        layer.self_attn.mix.fill_(1.0)
+        attention = layer.self_attn
+        if attention.layout != "v2":
+            attention.mix.fill_(1.0)
+            continue
+        with torch.no_grad():
+            lam = attention.lambda_proj.weight
+            lam.copy_(torch.randn(lam.shape, generator=generator))
+            pairs = attention.q_proj.weight.view(-1, 2, attention.head_dim, lam.shape[1])
+            pairs[:, 1] += 0.3 * torch.randn(pairs[:, 1].shape, generator=generator)
     return model
 
 
@@ -64,7 +76,8 @@ def sliding_window_of(family):
     return WINDOW if family == "mistral" else None
 
 
-CASES = [(family, layout, backend) for family in ("llama", "mistral") for layout in ("doubled", "split") for backend in BACKENDS]
+LAYOUTS = ("doubled", "split", "v2")
+CASES = [(family, layout, backend) for family in ("llama", "mistral") for layout in LAYOUTS for backend in BACKENDS]
 
 
 @pytest.mark.parametrize("family,layout,backend", CASES)
@@ -152,14 +165,15 @@ def test_prefill_then_decode_one_and_several_equals_one_forward(converted, famil
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("layout", ["doubled", "v2"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_masks_give_no_nan(converted, backend, dtype):
+def test_half_precision_masks_give_no_nan(converted, backend, dtype, layout):
     """fp32 masks (finfo.min) cast to half overflow to −inf; an all-masked row must still give finite outputs."""
     if backend == "flex_attention" and not torch.cuda.is_available():
         pytest.skip("torch 2.13's CPU FlexAttention kernel corrupts memory with a half-precision tensor mask "
                     "('double free or corruption', also for stock Llama); the GPU run covers it")
-    model = switched_on(converted["llama", "doubled"], backend, dtype)
+    model = switched_on(converted["llama", layout], backend, dtype)
     length = 10
     allowed = allowed_matrix(torch.ones(1, length, dtype=torch.bool))
     allowed[0, 3, :] = False  # a query that may attend nothing
@@ -170,11 +184,12 @@ def test_half_precision_masks_give_no_nan(converted, backend, dtype):
         assert torch.isfinite(logits).all(), f"fill={fill}"
 
 
+@pytest.mark.parametrize("layout", ["split", "v2"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_keys_get_exactly_zero_gradient_and_no_nan(converted, backend):
+def test_masked_keys_get_exactly_zero_gradient_and_no_nan(converted, backend, layout):
     if backend == "flex_attention":
         pytest.skip("torch's FlexAttention has no backward on CPU (NotImplementedError); the GPU run covers it")
-    model = switched_on(converted["mistral", "split"], backend)
+    model = switched_on(converted["mistral", layout], backend)
     ids = random_ids(batch=3, length=12, seed=2)
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[0, :5] = 0  # left padding
@@ -191,10 +206,15 @@ def test_masked_keys_get_exactly_zero_gradient_and_no_nan(converted, backend):
 
 def reference_attention(query, key, value, lam, allowed, scaling, layout):
     """Pure float64 differential attention. query (B, 2H|H, T, d), key (B, 2G|G, S, d), value (B, G, S, d);
-    allowed (T, S) boolean. Fully masked rows give 0."""
+    allowed (T, S) boolean; lam a scalar, or (B, T, H) for DIFF V2 (pairs 2j / 2j + 1 over the same keys).
+    Fully masked rows give 0."""
     query, key, value = query.double(), key.double(), value.double()
-    q_pos, q_neg = query.chunk(2, dim=1)
-    k_pos, k_neg = key.chunk(2, dim=1)
+    if layout == "v2":
+        q_pos, q_neg, k_pos, k_neg = query[:, 0::2], query[:, 1::2], key, key
+        lam = lam.double().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+    else:
+        q_pos, q_neg = query.chunk(2, dim=1)
+        k_pos, k_neg = key.chunk(2, dim=1)
     if layout == "split":
         v_first, v_second = value.chunk(2, dim=1)
         value = torch.cat([v_first, v_second], dim=-1)
@@ -208,7 +228,7 @@ def reference_attention(query, key, value, lam, allowed, scaling, layout):
     return out.transpose(1, 2)  # (B, T, heads, value_dim)
 
 
-@pytest.mark.parametrize("layout", ["doubled", "split"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raw_attention_module_matches_the_float64_reference(converted, layout, backend):
     """The attention module alone, handed q/k/v through a patched projection, with GQA 6 query / 2 KV heads."""
@@ -222,7 +242,8 @@ def test_raw_attention_module_matches_the_float64_reference(converted, layout, b
     with torch.no_grad():
         query, key, value = attention._project(hidden, cos_sin)
         out, _ = attention(hidden, cos_sin, attention_mask=additive)
-        expected = reference_attention(query, key, value, attention.lambda_full().item(), allowed, attention.scaling, layout)
+        lam = (torch.sigmoid(attention.lambda_proj(hidden)) if layout == "v2" else attention.lambda_full().item())
+        expected = reference_attention(query, key, value, lam, allowed, attention.scaling, layout)
         expected = attention.o_proj(expected.reshape(2, 9, -1).float())
     assert (out - expected).abs().max().item() <= TOL
 

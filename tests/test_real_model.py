@@ -223,3 +223,28 @@ def test_diffllama_export_of_the_real_model(smollm2_dir, tmp_path, capsys):
     with capsys.disabled():
         print(f"\n[measured] --export diffllama on SmolLM2: max |Δlogit| {report.max_abs_logit_diff:.2e}, "
               f"loss {report.texts[0].loss_original:.5f} → {report.texts[0].loss_converted:.5f}")
+
+
+def test_diff_v2_on_the_real_model_is_exact_and_trains_the_pairs_apart(smollm2_dir, tmp_path, real_texts, tokenizer,
+                                                                       capsys):
+    """DIFF V2 of SmolLM2 (fp32): the same logits up to the backend's own rounding (≤ 1e-6) and the same greedy text;
+    one backward pass gives the paired query heads non-zero, different gradients."""
+    converted_dir = convert(smollm2_dir, tmp_path / "v2", variant="v2").output_dir
+    measured = {}
+    for backend in ("eager", "sdpa"):
+        original, converted = load(smollm2_dir, backend), load(converted_dir, backend)
+        with torch.no_grad():
+            measured[backend] = max((original(ids).logits - converted(ids).logits).abs().max().item() for ids in real_texts)
+        assert measured[backend] <= 1e-6, measured
+        assert torch.equal(greedy_ids(original, tokenizer), greedy_ids(converted, tokenizer))
+    converted.train()
+    ids = real_texts[0][:, :128]
+    converted(ids, labels=ids).loss.backward()
+    for layer in converted.model.layers:
+        attention = layer.self_attn
+        grad = attention.q_proj.weight.grad.view(-1, 2, attention.head_dim, attention.q_proj.in_features)
+        assert grad[:, 0].abs().max() > 0 and grad[:, 1].abs().max() > 0
+        assert not torch.allclose(grad[:, 0], grad[:, 1])
+    with capsys.disabled():
+        print(f"\n[measured] --variant v2 on SmolLM2: max |Δlogit| eager {measured['eager']:.2e}, "
+              f"sdpa {measured['sdpa']:.2e}")

@@ -241,3 +241,24 @@ def test_datasets_read_text_jsonl_and_parquet_alike(tmp_path):
         read_documents(tmp_path / "a.parquet")
     with pytest.raises(NetmorphError, match="does not exist"):
         read_documents(tmp_path / "missing.txt")
+
+
+def test_train_a_diff_v2_model_logs_its_per_token_lambda_and_plots(tiny_diff, tmp_path):
+    """DIFF V2 trains through the same command and callbacks: no mix, λ = sigmoid(lambda_proj(x)) starts at 0.5 and
+    its per-token statistics are logged; lambda_proj leaves zero; the attention plot draws the per-token λ."""
+    convert(tiny_diff / "tiny", tiny_diff / "tiny-v2", variant="v2")
+    config = yaml.safe_load(write_config(tiny_diff, "v2-run").read_text())
+    config.update(base_model=str(tiny_diff / "tiny-v2"), max_steps=4, save_steps=4)
+    path = tiny_diff / "v2-run.yml"
+    path.write_text(yaml.safe_dump(config))
+    run_cli("train", path, "--no-progress")
+    scalars = read_tensorboard(tiny_diff / "v2-run")
+    assert "train/diff_attn/mix" not in scalars
+    assert set(scalars["train/diff_attn/layer_0/lambda_mean"]) == {2, 4}
+    assert 0.3 < scalars["train/diff_attn/layer_0/lambda_mean"][2] < 0.7
+    assert scalars["train/diff_attn/lambda_proj_norm_mean"][4] > 0  # lambda_proj trained away from 0
+    weights = load_file(tiny_diff / "v2-run" / "checkpoint-4" / "model.safetensors")
+    assert weights["model.layers.0.self_attn.lambda_proj.weight"].abs().max() > 0
+    run_cli("plot", "attention", tiny_diff / "v2-run", "--prompt", "The quick brown fox.", "--layer", 1,
+            "-o", tmp_path / "attn.png")
+    assert png_size(tmp_path / "attn.png") == (1500, 500)

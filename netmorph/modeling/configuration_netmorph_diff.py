@@ -7,7 +7,7 @@ Self-contained (imports only transformers): netmorph copies this file next to ev
 import transformers
 from transformers import PretrainedConfig
 
-DIFF_LAYOUTS = ("doubled", "split")
+DIFF_LAYOUTS = ("doubled", "split", "v2")
 
 
 class NetmorphDiffConfig(PretrainedConfig):
@@ -18,6 +18,8 @@ class NetmorphDiffConfig(PretrainedConfig):
             and [H, 2H) the negative one; V and O keep their shapes (head value dim d).
             "split" — the H query heads (and KV heads) are halved into positive and negative components, giving H/2
             differential heads whose value dim is 2d (the paper's and DiffLlama's layout).
+            "v2" — DIFF V2: q_proj has 2H heads (pairs 2j, 2j + 1), K/V unchanged, λ = sigmoid(lambda_proj(x)) per
+            token and head, no λ vectors, mix or sub-layer norm.
         sublayer_norm: per-head RMSNorm (with gain) on the differential output before o_proj, as in the paper.
         lambda_std: std of the normal init of the four λ vectors when a model is created from scratch.
         qkv_bias / o_bias: biases on the q/k/v projections and on o_proj (Llama: both = attention_bias;

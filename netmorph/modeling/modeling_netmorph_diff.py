@@ -160,6 +160,9 @@ class NetmorphDiffAttention(nn.Module):
     (the source model's q/k), the rest the negative one. The cache holds 2G key heads and G value heads.
     "split" layout: q_proj/k_proj keep H/G heads; the first half is positive, the second half negative, and the
     H/2 differential heads read the concatenation of the two value halves (value dim 2d).
+    "v2" layout (DIFF V2): q_proj has 2H heads, K/V keep G heads; one attention call over all 2H query heads, then
+    differential head j = out[2j] − sigmoid(lambda_proj(x))_j · out[2j + 1] — a per-token, per-head λ, no λ_init,
+    no mix, no sub-layer norm. The KV cache and kernels are those of a standard model.
 
     `qk_norms`: the family's q and k norm modules (by their attribute names in the stock attention, so their
     tensors keep their names), when `features.qk_norm` is not "none".
@@ -176,20 +179,27 @@ class NetmorphDiffAttention(nn.Module):
         self.num_heads = features.num_heads
         self.num_key_value_heads = features.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        if self.layout == "v2":  # 2H query heads share the G KV heads: paired heads 2j, 2j + 1 sit in one group
+            self.num_key_value_groups = 2 * self.num_heads // self.num_key_value_heads
         self.scaling = features.scaling
         self.attention_dropout = features.attention_dropout
         self.is_causal = features.is_causal
         self.sliding_window = features.sliding_window
 
-        qk_factor = 2 if self.layout == "doubled" else 1
+        q_factor = 2 if self.layout in ("doubled", "v2") else 1
+        k_factor = 2 if self.layout == "doubled" else 1
         hidden, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(hidden, qk_factor * self.num_heads * d, bias=features.qkv_bias)
-        self.k_proj = nn.Linear(hidden, qk_factor * self.num_key_value_heads * d, bias=features.qkv_bias)
+        self.q_proj = nn.Linear(hidden, q_factor * self.num_heads * d, bias=features.qkv_bias)
+        self.k_proj = nn.Linear(hidden, k_factor * self.num_key_value_heads * d, bias=features.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_key_value_heads * d, bias=features.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=features.o_bias)
         self.qk_norm_names = tuple(qk_norms or ())  # (q norm, k norm) attribute names
         for name, module in (qk_norms or {}).items():
             self.add_module(name, module)
+        if self.layout == "v2":
+            self.lambda_proj = nn.Linear(hidden, self.num_heads, bias=False)
+            self.subln = None
+            return
 
         self.lambda_q1 = nn.Parameter(torch.empty(d))
         self.lambda_k1 = nn.Parameter(torch.empty(d))
@@ -222,7 +232,6 @@ class NetmorphDiffAttention(nn.Module):
         cache = getattr(cache, "self_attention_cache", cache)
         for name in _LAYER_ONLY_KWARGS:
             kwargs.pop(name, None)
-        input_shape = hidden_states.shape[:-1]
         query, key, value = self._project(hidden_states, position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, ·, S, d)
@@ -240,6 +249,9 @@ class NetmorphDiffAttention(nn.Module):
         )
         if self.features.softcap is not None:
             call_kwargs["softcap"] = self.features.softcap
+        if self.layout == "v2":
+            return self._finish(*self._forward_v2(attention, hidden_states, query, key, value, attention_mask,
+                                                  call_kwargs))
         query_pos, query_neg = query.chunk(2, dim=1)
         key_pos, key_neg = key.chunk(2, dim=1)
         if self.layout == "doubled":
@@ -254,12 +266,24 @@ class NetmorphDiffAttention(nn.Module):
         if self.subln is not None:
             out = self.subln(out)
 
-        out = out.reshape(*input_shape, -1).contiguous()
         weights = None if weights_pos is None else weights_pos - lam * weights_neg
-        out = self.o_proj(out)
+        return self._finish(out, weights)
+
+    def _finish(self, out: torch.Tensor, weights: torch.Tensor | None):
+        """(B, T, heads, value_dim) differential output → o_proj (and the family's output dropout)."""
+        out = self.o_proj(out.reshape(*out.shape[:2], -1).contiguous())
         if self.features.output_dropout:
             out = nn.functional.dropout(out, p=self.features.output_dropout, training=self.training)
         return out, weights
+
+    def _forward_v2(self, attention, hidden_states, query, key, value, attention_mask, call_kwargs):
+        """DIFF V2: one attention call over the 2H query heads, then pairs combined with the per-token λ."""
+        out, weights = attention(self, query, key, value, attention_mask, **call_kwargs)  # (B, T, 2H, d)
+        lam = torch.sigmoid(self.lambda_proj(hidden_states)).to(out.dtype)  # (B, T, H)
+        combined = out[:, :, 0::2] - lam.unsqueeze(-1) * out[:, :, 1::2]
+        if weights is not None:  # (B, 2H, T, S): the same combination of the two maps
+            weights = weights[:, 0::2] - lam.transpose(1, 2).unsqueeze(-1) * weights[:, 1::2]
+        return combined, weights
 
     def _project(self, hidden_states, position_embeddings):
         """q, k, v as (B, heads, T, d), q/k normed (when the family norms them) and rotated (when it uses RoPE)."""
@@ -267,17 +291,32 @@ class NetmorphDiffAttention(nn.Module):
         components = 2 if self.layout == "doubled" else 1
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query, key = self.q_proj(hidden_states), self.k_proj(hidden_states)
-        if self.features.qk_norm == "full_width":  # OLMo2: one norm over each component's whole projection
+        if self.features.qk_norm == "full_width" and self.layout == "v2":
+            query, key = self._norm_pairs(query), getattr(self, self.qk_norm_names[1])(key)
+        elif self.features.qk_norm == "full_width":  # OLMo2: one norm over each component's whole projection
             query, key = self._norm_components(query, key, components, dim=-1)
         query = query.view(hidden_shape).transpose(1, 2)  # (B, 2H or H, T, d)
         key = key.view(hidden_shape).transpose(1, 2)  # (B, 2G or G, T, d)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, d)
-        if self.features.qk_norm == "per_head":
+        if self.features.qk_norm == "per_head" and self.layout == "v2":
+            # The even and the odd query heads each pass the norm shaped like the source's H heads (StableLM's
+            # per-head norms have one module per head).
+            q_norm, k_norm = (getattr(self, name) for name in self.qk_norm_names)
+            query = torch.stack([q_norm(query[:, 0::2]), q_norm(query[:, 1::2])], dim=2).flatten(1, 2)
+            key = k_norm(key)
+        elif self.features.qk_norm == "per_head":
             query, key = self._norm_components(query, key, components, dim=1)
         if position_embeddings is not None:  # None: learned absolute positions (GPT-2), added to the embeddings
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         return query, key, value
+
+    def _norm_pairs(self, query: torch.Tensor) -> torch.Tensor:
+        """V2 with a full-width q norm: the even and the odd query heads each form one source-shaped projection."""
+        lead, width = query.shape[:-1], query.shape[-1] // 2
+        pairs = query.view(*lead, width // self.head_dim, 2, self.head_dim).transpose(-3, -2)  # (…, 2, H, d)
+        normed = getattr(self, self.qk_norm_names[0])(pairs.reshape(*lead, 2, width))
+        return normed.view(*lead, 2, -1, self.head_dim).transpose(-3, -2).reshape(*lead, 2 * width)
 
     def _norm_components(self, query, key, components: int, dim: int):
         q_norm, k_norm = (getattr(self, name) for name in self.qk_norm_names)
@@ -297,7 +336,11 @@ class NetmorphDiffAttention(nn.Module):
         if self.sliding_window is not None:
             allowed &= positions[:, None] - positions[None, :] < self.sliding_window
         maps = []
-        for q, k in zip(query.chunk(2, dim=1), key.chunk(2, dim=1)):
+        if self.layout == "v2":  # paired query heads over the same keys
+            branches = [(query[:, 0::2], key), (query[:, 1::2], key)]
+        else:
+            branches = zip(query.chunk(2, dim=1), key.chunk(2, dim=1))
+        for q, k in branches:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
             if self.features.softcap is not None:
@@ -366,7 +409,9 @@ class NetmorphDiffPreTrainedModel(PreTrainedModel):
 
 def _init_differential(module: nn.Module, lambda_std: float) -> None:
     """A model created from scratch (not converted): λ vectors N(0, lambda_std), the paper's λ_init, mix 1."""
-    if isinstance(module, NetmorphDiffAttention):
+    if isinstance(module, NetmorphDiffAttention) and module.layout == "v2":
+        init.zeros_(module.lambda_proj.weight)  # λ = 0.5 everywhere
+    elif isinstance(module, NetmorphDiffAttention):
         for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
             init.normal_(vector, 0.0, lambda_std)
         init.constant_(module.lambda_init, paper_lambda_init(module.layer_idx))

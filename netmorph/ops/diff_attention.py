@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from netmorph.ops.diff_v2 import convert_attention_tensors_v2
+
 from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init
 
 NegativeInit = Literal["normal", "zero", "mirror"]
@@ -24,7 +26,7 @@ LambdaStart = Literal["paper", "zero"]
 
 @dataclass(frozen=True)
 class DiffAttentionRecipe:
-    layout: Literal["doubled", "split"] = "doubled"
+    layout: Literal["doubled", "split", "v2"] = "doubled"
     negative_init: NegativeInit = "normal"
     negative_std: float = 0.02
     lambda_start: LambdaStart = "paper"
@@ -101,7 +103,10 @@ def convert_attention_tensors(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """One layer: {"q_proj.weight", "q_proj.bias"?, "k_proj.*", "v_proj.*", "o_proj.*"} → differential tensors
-    under the same names plus the λ tensors (and "subln.weight" when the recipe asks for a sub-layer norm)."""
+    under the same names plus the λ tensors (and "subln.weight" when the recipe asks for a sub-layer norm).
+    The "v2" layout is DIFF V2's exact construction (netmorph/ops/diff_v2.py)."""
+    if recipe.layout == "v2":
+        return convert_attention_tensors_v2(attn, num_heads, head_dim)
     out = dict(attn)
     if recipe.layout == "doubled":
         for proj in ("q_proj", "k_proj"):

@@ -19,13 +19,28 @@ def mix_at(completed_steps: int, warmup_steps: int | None) -> float:
 
 
 def diff_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The differential-attention modules of `model`, in layer order (works through DDP/FSDP/PEFT wrappers)."""
-    return [m for m in model.modules() if hasattr(m, "lambda_full") and isinstance(getattr(m, "mix", None), torch.Tensor)]
+    """The differential-attention modules of `model`, in layer order (works through DDP/FSDP/PEFT wrappers): V1
+    modules (λ vectors, `mix` buffer, `lambda_full()`) and DIFF V2 modules (`layout == "v2"`, `lambda_proj`)."""
+    return [m for m in model.modules() if is_v2(m) or (
+        hasattr(m, "lambda_full") and isinstance(getattr(m, "mix", None), torch.Tensor))]
+
+
+def is_v2(module) -> bool:
+    """A DIFF V2 attention: per-token λ = sigmoid(lambda_proj(x)), no λ vectors and no mix."""
+    return getattr(module, "layout", None) == "v2" and hasattr(module, "lambda_proj")
+
+
+def token_lambda(module, hidden: torch.Tensor) -> torch.Tensor | float:
+    """The λ a layer applies to input `hidden` (B, T, D): DIFF V2's (B, heads, T, 1) per-token values, else the
+    scalar λ_full (mix included)."""
+    if is_v2(module):
+        return torch.sigmoid(module.lambda_proj(hidden)).float().transpose(1, 2).unsqueeze(-1)
+    return module.lambda_full().item()
 
 
 def set_mix(model: torch.nn.Module, value: float) -> int:
     """Write `value` into every differential-attention `mix` buffer; returns how many were set."""
-    modules = diff_attention_modules(model)
+    modules = [m for m in diff_attention_modules(model) if not is_v2(m)]  # DIFF V2 is exact without a mix
     for module in modules:
         module.mix.fill_(value)
     return len(modules)
@@ -68,7 +83,10 @@ def attention_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torc
 
 
 def lambda_metrics(module) -> dict[str, float]:
-    """λ figures of one layer: vector norms, λ1, λ2, λ_init, λ_full (without the mix, as the paper defines it)."""
+    """λ figures of one layer: vector norms, λ1, λ2, λ_init, λ_full (without the mix, as the paper defines it).
+    DIFF V2: the norm of lambda_proj (its per-token λ comes from the captured forward pass)."""
+    if is_v2(module):
+        return {"lambda_proj_norm": module.lambda_proj.weight.detach().float().norm().item()}
     with torch.no_grad():
         vectors = {name: getattr(module, name).float() for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
         lambda_1 = torch.exp((vectors["lambda_q1"] * vectors["lambda_k1"]).sum()).item()
@@ -79,7 +97,7 @@ def lambda_metrics(module) -> dict[str, float]:
                       "lambda_full": lambda_1 - lambda_2 + lambda_init}
 
 
-def branch_metrics(positive: torch.Tensor, negative: torch.Tensor, lam: float) -> dict[str, float]:
+def branch_metrics(positive: torch.Tensor, negative: torch.Tensor, lam: float | torch.Tensor) -> dict[str, float]:
     """Statistics of the two softmax maps (B, heads, T, T) and of the differential map `pos − λ·neg` over the causal
     region: mean and std of the weights, mean row entropy (nats) and, for the differential map, the fraction of
     negative weights (how much noise it cancels)."""
@@ -147,10 +165,15 @@ class DiffAttnMonitorCallback(TrainerCallback):
     def metrics(self, model) -> dict[str, float]:
         """The figures for the current weights (and the branch statistics captured during the last step)."""
         modules = diff_attention_modules(model)
-        out = {"diff_attn/mix": modules[0].mix.float().item()}
-        lambdas = [lambda_metrics(m)["lambda_full"] for m in modules]
-        out |= {"diff_attn/lambda_full_mean": sum(lambdas) / len(lambdas),
-                "diff_attn/lambda_full_min": min(lambdas), "diff_attn/lambda_full_max": max(lambdas)}
+        out = {}
+        if is_v2(modules[0]):
+            norms = [lambda_metrics(m)["lambda_proj_norm"] for m in modules]
+            out["diff_attn/lambda_proj_norm_mean"] = sum(norms) / len(norms)
+        else:
+            out["diff_attn/mix"] = modules[0].mix.float().item()
+            lambdas = [lambda_metrics(m)["lambda_full"] for m in modules]
+            out |= {"diff_attn/lambda_full_mean": sum(lambdas) / len(lambdas),
+                    "diff_attn/lambda_full_min": min(lambdas), "diff_attn/lambda_full_max": max(lambdas)}
         for index in self._layers:
             figures = lambda_metrics(modules[index]) | self._branch.get(index, {})
             out |= {f"diff_attn/layer_{index}/{name}": value for name, value in figures.items()}
@@ -169,7 +192,10 @@ class DiffAttnMonitorCallback(TrainerCallback):
             if rotary is not None:
                 rotary = tuple(part[:1, :tokens] for part in rotary)
             positive, negative = module.branch_probabilities(hidden[:1, :tokens], rotary)
-            lam = module.lambda_full().item()
+            with torch.no_grad():
+                lam = token_lambda(module, hidden[:1, :tokens])
             self._branch[index] = branch_metrics(positive, negative, lam)
+            if isinstance(lam, torch.Tensor):  # DIFF V2: the per-token λ of this sequence
+                self._branch[index] |= {"lambda_mean": lam.mean().item(), "lambda_std": lam.std().item()}
 
         return hook

@@ -135,7 +135,7 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     save_model(trainer, source, out)
     modules = diff_attention_modules(model)
     return TrainResult(str(out), trainer.state.global_step, result.training_loss, eval_loss,
-                       modules[0].mix.item() if modules else None)
+                       modules[0].mix.item() if modules and hasattr(modules[0], "mix") else None)
 
 
 def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
