@@ -19,7 +19,7 @@ from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_text_files, default_texts, resolve_source
-from netmorph.verify import VerifyReport, compare_models
+from netmorph.verify import VerifyReport, card_lines, compare_models
 
 log = logging.getLogger("netmorph")
 
@@ -367,13 +367,8 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         "",
         *(LAMBDA_V2 if options.variant == "v2" else LAMBDA_V1),
         "",
-        "## Verification (fp32, real text)",
-        "",
+        *card_lines(reports),
     ]
-    if not reports:
-        lines.append("Not run (`--no-verify`).")
-    for report in reports:
-        lines += ["```", report.table(), "```", ""]
     lines += [
         "## Use",
         "",

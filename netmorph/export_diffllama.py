@@ -21,7 +21,7 @@ from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops.diffllama import diffllama_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import VerifyReport, compare_models
+from netmorph.verify import VerifyReport, card_lines, compare_models
 
 log = logging.getLogger("netmorph")
 
@@ -155,13 +155,8 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         "",
         f"- Options: `{json.dumps({'negative_init': options.negative_init, 'diffllama_anchor': options.diffllama_anchor, 'seed': options.seed})}`",
         "",
-        "## Verification (fp32, real text)",
-        "",
+        *card_lines(reports),
     ]
-    if not reports:
-        lines.append("Not run (`--no-verify`).")
-    for report in reports:
-        lines += ["```", report.table(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 

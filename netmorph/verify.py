@@ -109,6 +109,16 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def card_lines(reports) -> list[str]:
+    """A model card's verification section: each report's table, or why there is none."""
+    lines = ["## Verification (fp32, real text)", ""]
+    if not reports:
+        lines.append("Not run (`--no-verify`).")
+    for report in reports:
+        lines += ["```", report.table(), "```", ""]
+    return lines
+
+
 @torch.no_grad()
 def compare_text(original, converted, input_ids: torch.Tensor, name: str) -> TextComparison:
     logits_a = original(input_ids, use_cache=False).logits.float()[0]  # (T, vocab)
