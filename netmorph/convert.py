@@ -101,22 +101,12 @@ def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype:
     if spec.model_type not in LLAMA_STYLE:
         return family_target_config(source_config, spec, options, dtype)
     c = source_config
-    _, num_kv, head_dim = head_counts(c, spec)
+    _, num_kv, _ = head_counts(c, spec)
     layer_types = spec.layer_types(c)
     return NetmorphDiffConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
+        **llama_fields(c, spec),
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=num_kv,
-        head_dim=head_dim,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        initializer_range=c.initializer_range,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        rope_parameters=dict(c.rope_parameters),
         attention_dropout=getattr(c, "attention_dropout", 0.0),
         mlp_bias=bool(getattr(c, "mlp_bias", False)),
         qkv_bias=spec.bias(c, "qkv"),
@@ -127,12 +117,22 @@ def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype:
         sublayer_norm=options.sublayer_norm,
         lambda_std=options.lambda_std,
         source_model_type=c.model_type,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
         architectures=["NetmorphDiffForCausalLM"],
         auto_map=AUTO_MAP,
         dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def llama_fields(c, spec: ArchSpec) -> dict:
+    """The config fields a Llama-style target (netmorph's own model, DiffLlama) copies from a Llama-family source."""
+    _, _, head_dim = head_counts(c, spec)
+    return dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, head_dim=head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, initializer_range=c.initializer_range,
+        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rope_parameters=dict(c.rope_parameters), pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.convert import ATTENTION_TENSORS
+from netmorph.convert import ATTENTION_TENSORS, head_counts, llama_fields
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
 from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
@@ -60,27 +60,13 @@ def diffllama_config(source_config, spec: ArchSpec, dtype: torch.dtype):
             f"--export diffllama needs attention_dropout 0 (DiffLlama refuses dropout), the source has "
             f"{c.attention_dropout}: set attention_dropout to 0 in config.json"
         )
-    num_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    heads, num_kv, _ = head_counts(c, spec)
     return DiffLlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=2 * c.num_attention_heads,
+        **llama_fields(c, spec),
+        num_attention_heads=2 * heads,
         num_key_value_heads=2 * num_kv,
-        head_dim=head_dim,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        initializer_range=c.initializer_range,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        rope_parameters=dict(c.rope_parameters),
         attention_bias=True,  # the value anchor is a v bias; DiffLlama has one flag for all four projections
         attention_dropout=0.0,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
         architectures=["DiffLlamaForCausalLM"],
         dtype=str(dtype).removeprefix("torch."),
     )
