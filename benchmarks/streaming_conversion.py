@@ -172,7 +172,7 @@ def main():
     rows = [
         ("input checkpoint", f"{total / 1e9:.2f} GB bf16 in {len(shards)} shards, largest {largest / 1e9:.2f} GB"),
         ("load average (1 min) before / during the timed runs",
-         f"{loads[0]:.1f} / {min(loads[1:]):.1f}–{max(loads[1:]):.1f} (2 cores shared with other jobs)"),
+         f"{loads[0]:.1f} / {min(loads[1:]):.1f}–{max(loads[1:]):.1f} (load of other jobs on the same cores adds to it)"),
         ("source warm (in the page cache): `cp -r` + sync, each round", times("warm", "cp")),
         ("source warm: convert --no-verify + sync, each round",
          times("warm", "convert") + f" ({total / 1e9:.2f} GB read, {written / 1e9:.2f} GB written)"),
@@ -197,8 +197,8 @@ def main():
     command = "python benchmarks/streaming_conversion.py " + " ".join(sys.argv[1:])
     section = (
         f"\n## Streaming conversion of a {total / 1e9:.1f} GB Llama checkpoint ({datetime.date.today().isoformat()})\n\n"
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs running "
-        f"at the same time, {psutil_total_gib():.0f} GiB RAM, {filesystem_of(args.workdir)}; torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (the load average in the table "
+        f"says how busy they were), {psutil_total_gib():.0f} GiB RAM, {filesystem_of(args.workdir)}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}. Synthesized Llama "
         f"(hidden 4096, 32/8 heads, MLP 11008, {args.layers} layers, vocab of SmolLM2, random N(0, 0.02) bf16 "
         "weights, untied lm_head); default conversion (doubled heads, 5GB output shards). `cp -r` and the conversion "
