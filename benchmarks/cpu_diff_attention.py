@@ -1,4 +1,5 @@
-"""CPU benchmark: differential-attention SmolLM2-135M (converted by netmorph) vs the original, in one run.
+"""CPU benchmark: differential-attention SmolLM2-135M (converted by netmorph: V1, the paper's layout with doubled q/k
+heads, and DIFF V2) vs the original, in one run.
 
 Measures forward+backward at 512 tokens and greedy decode of 64 tokens (KV cache), interleaving the two models
 so drift hits both, and prints each ratio next to its FLOP-ideal ratio computed from the shapes. Appends the table
@@ -28,13 +29,17 @@ from netmorph.options import ConvertOptions  # noqa: E402
 from netmorph.sources import default_texts, resolve_source  # noqa: E402
 
 
-def flops_per_token(config, context: int, differential: bool) -> float:
-    """Matmul FLOPs of one token through the model with `context` keys (math attention: full rows)."""
+def flops_per_token(config, context: int, variant: str) -> float:
+    """Matmul FLOPs of one token through the model with `context` keys (math attention: full rows). variant:
+    "original"; "v1" (2H query and 2G key heads, two attention calls); "v2" (2H query heads over the G KV heads in
+    one call, plus lambda_proj D → H)."""
     D, H, G, d, I, V = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                         config.head_dim, config.intermediate_size, config.vocab_size)
-    qk_factor = 2 if differential else 1
-    projections = D * (qk_factor * (H * d + G * d) + G * d + H * d) + 3 * D * I
-    attention = qk_factor * 2 * H * d * context  # scores + weighted sum, per component
+    q_factor = 1 if variant == "original" else 2
+    k_factor = 2 if variant == "v1" else 1
+    projections = D * (q_factor * H * d + k_factor * G * d + G * d + H * d) + 3 * D * I
+    projections += D * H if variant == "v2" else 0
+    attention = q_factor * 2 * H * d * context  # scores + weighted sum, per query head
     return 2 * (config.num_hidden_layers * (projections + attention) + D * V)
 
 
@@ -50,10 +55,11 @@ def main():
     original = source.load_model("sdpa")
     tokenizer = source.load_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
-        convert_diff_transformer(None, Path(tmp) / "diff", ConvertOptions(verify=False))
-        converted = NetmorphDiffForCausalLM.from_pretrained(Path(tmp) / "diff", dtype=torch.float32,
-                                                            attn_implementation="sdpa")
-    models = {"original": original, "converted": converted}
+        models = {"original": original}
+        for variant in ("v1", "v2"):
+            convert_diff_transformer(None, Path(tmp) / variant, ConvertOptions(verify=False, variant=variant))
+            models[variant] = NetmorphDiffForCausalLM.from_pretrained(Path(tmp) / variant, dtype=torch.float32,
+                                                                      attn_implementation="sdpa")
     ids = tokenizer(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, : args.tokens]
     prompt = tokenizer("The quick brown fox", return_tensors="pt").input_ids
 
@@ -81,18 +87,22 @@ def main():
                 times[name].append(time.perf_counter() - start)
         results[label] = {name: statistics.median(values) for name, values in times.items()}
 
-    config = converted.config
-    ideal_train = flops_per_token(config, args.tokens, True) / flops_per_token(config, args.tokens, False)
+    config = original.config
     mean_context = prompt.shape[1] + args.new_tokens / 2
-    ideal_decode = flops_per_token(config, mean_context, True) / flops_per_token(config, mean_context, False)
+
+    def ideal(variant: str, context: float) -> float:
+        return flops_per_token(config, context, variant) / flops_per_token(config, context, "original")
+
     rows = [
-        ("forward+backward, 512 tokens", results["forward+backward"], ideal_train),
-        (f"greedy decode, {args.new_tokens} tokens", results["greedy decode"], ideal_decode),
+        (f"forward+backward, {args.tokens} tokens", results["forward+backward"], args.tokens),
+        (f"greedy decode, {args.new_tokens} tokens", results["greedy decode"], mean_context),
     ]
-    header = "| measurement | original (s) | converted (s) | converted/original | FLOP-ideal ratio |\n|---|---|---|---|---|"
+    header = ("| measurement | original (s) | V1 (s) | V1/original | V1 FLOP-ideal | V2 (s) | V2/original | "
+              "V2 FLOP-ideal |\n|---|---|---|---|---|---|---|---|")
     lines = [header] + [
-        f"| {name} | {r['original']:.3f} | {r['converted']:.3f} | {r['converted'] / r['original']:.3f} | {ideal:.3f} |"
-        for name, r, ideal in rows
+        f"| {name} | {r['original']:.3f} | {r['v1']:.3f} | {r['v1'] / r['original']:.3f} | {ideal('v1', ctx):.3f} "
+        f"| {r['v2']:.3f} | {r['v2'] / r['original']:.3f} | {ideal('v2', ctx):.3f} |"
+        for name, r, ctx in rows
     ]
     table = "\n".join(lines)
     print(table)
@@ -103,7 +113,8 @@ def main():
         f"\n## CPU: differential-attention SmolLM2-135M vs original ({datetime.date.today().isoformat()})\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}; "
-        f"fp32, SDPA, default conversion (doubled heads, mix = 0), median of {args.repeats} interleaved repeats.\n"
+        f"fp32, SDPA; V1 = default conversion (doubled heads, two attention calls, mix = 0), V2 = `--variant v2` "
+        f"(2H query heads, one call); median of {args.repeats} interleaved repeats.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
