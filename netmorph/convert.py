@@ -1,6 +1,7 @@
 """`convert-diff-transformer`: SOURCE → differential-attention checkpoint, verified, written atomically."""
 
 import json
+from collections.abc import Callable
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -213,6 +214,14 @@ def convert_tensors(
 ) -> None:
     """Stream every tensor of the source to the writer (anything with `add(name, tensor)`), converting each layer's
     attention on the way. Run on a `MetaReader` into a `PlanRecorder` it yields the output plan."""
+    stream_attention_layers(reader, config, spec, writer,
+                            lambda layer_idx: convert_layer(reader, config, spec, recipe, layer_idx, seed))
+
+
+def stream_attention_layers(reader: TensorReader, config, spec: ArchSpec, writer,
+                            convert_attention: Callable[[int], dict[str, torch.Tensor]]) -> None:
+    """Every source tensor to the writer; each layer's attention tensors replaced, once per layer, by
+    `convert_attention(layer_idx)` (output names → tensors); everything else passes through."""
     attention_names = {
         spec.name(i, role, kind): i
         for i in range(config.num_hidden_layers)
@@ -232,7 +241,7 @@ def convert_tensors(
         if layer_idx in done_layers:
             continue
         done_layers.add(layer_idx)
-        for name_out, tensor in convert_layer(reader, config, spec, recipe, layer_idx, seed).items():
+        for name_out, tensor in convert_attention(layer_idx).items():
             writer.add(name_out, tensor)
     missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
     if missing:

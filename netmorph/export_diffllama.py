@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.convert import ATTENTION_TENSORS, head_counts, llama_fields
+from netmorph.convert import head_counts, llama_fields, read_attention, stream_attention_layers
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
-from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
+from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops.diffllama import diffllama_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
@@ -72,45 +72,20 @@ def diffllama_config(source_config, spec: ArchSpec, dtype: torch.dtype):
     )
 
 
-def export_tensors(reader: TensorReader, config, spec: ArchSpec, options: ConvertOptions, writer) -> None:
+def export_tensors(reader: TensorReader, config, source_config, spec: ArchSpec, options: ConvertOptions, writer) -> None:
     """Every source tensor to the writer, each layer's attention in the DiffLlama layout (also runs on a MetaReader
     into a PlanRecorder to plan the output)."""
-    source_heads = config.num_attention_heads // 2
-    attention_names = {
-        spec.attention_key(i, f"{proj}.{kind}"): i
-        for i in range(config.num_hidden_layers)
-        for proj in ATTENTION_TENSORS
-        for kind in ("weight", "bias")
-    }
-    done_layers = set()
-    for name in reader.keys():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        layer_idx = attention_names.get(name)
-        if layer_idx is None:
-            pass_through(reader, writer, name)
-            continue
-        if layer_idx in done_layers:
-            continue
-        done_layers.add(layer_idx)
-        attn = {}
-        for proj in ATTENTION_TENSORS:
-            for kind in ("weight", "bias"):
-                key = spec.attention_key(layer_idx, f"{proj}.{kind}")
-                if key in reader:
-                    attn[f"{proj}.{kind}"] = reader.get(key)
-                elif kind == "weight":
-                    raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
+    heads, _, head_dim = head_counts(source_config, spec)
+
+    def export_layer(layer_idx: int) -> dict[str, torch.Tensor]:
+        attn = read_attention(reader, source_config, spec, layer_idx)  # shapes checked against the source config
         generator = torch.Generator().manual_seed(options.seed * 1_000_003 + layer_idx)
-        converted = diffllama_attention_tensors(
-            attn, layer_idx, source_heads, config.head_dim, options.diffllama_anchor, config.rms_norm_eps,
-            options.negative_init, options.negative_std, generator,
-        )
-        for tensor_name, tensor in converted.items():
-            writer.add(spec.attention_key(layer_idx, tensor_name), tensor)
-    missing = sorted(set(range(config.num_hidden_layers)) - done_layers)
-    if missing:
-        raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
+        converted = diffllama_attention_tensors(attn, layer_idx, heads, head_dim, options.diffllama_anchor,
+                                                config.rms_norm_eps, options.negative_init, options.negative_std,
+                                                generator)
+        return {spec.attention_key(layer_idx, name): tensor for name, tensor in converted.items()}
+
+    stream_attention_layers(reader, config, spec, writer, export_layer)
 
 
 def verify_export(source: Source, directory: Path, options: ConvertOptions) -> VerifyReport:
@@ -156,13 +131,13 @@ def export_diffllama(source_arg: str | None, output_dir: str | Path | None, opti
     dtype = reader.describe(next(iter(reader.keys()))).dtype
     config = diffllama_config(source.config, spec, dtype)
     check_output_dir(output_dir, options.force, source.input_paths)
-    plan = plan_output(lambda recorder: export_tensors(MetaReader(reader), config, spec, options, recorder))
+    plan = plan_output(lambda recorder: export_tensors(MetaReader(reader), config, source.config, spec, options, recorder))
     log.info("exporting %s (%s, %d layers) → DiffLlama %s", source.description, spec.model_type,
              config.num_hidden_layers, output_dir)
     with atomic_output_dir(output_dir) as tmp:
         with StreamingWriter(tmp, plan, parse_size(options.max_shard_size), progress=options.progress,
                              description="exporting") as writer:
-            export_tensors(reader, config, spec, options, writer)
+            export_tensors(reader, config, source.config, spec, options, writer)
             writer.finish()
         release_freed_memory()
         config.save_pretrained(tmp)
