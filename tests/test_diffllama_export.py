@@ -5,7 +5,6 @@ integer-coded tensors, that λ = 0, that the checkpoint loads in the stock class
 command reports is what a test measures on its own."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.helpers import convert, load, save_char_tokenizer, save_tiny_model
 from netmorph.cli import main
 from netmorph.sources import default_text_files
-from netmorph.train.callbacks import lambda_metrics, mix_at, monitored_layers
+from netmorph.train.callbacks import mix_at, monitored_layers
 
 WARMUP = 4
 
