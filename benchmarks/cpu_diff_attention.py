@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
 from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM  # noqa: E402
@@ -110,19 +111,15 @@ def main():
         return
     command = "python benchmarks/cpu_diff_attention.py " + " ".join(sys.argv[1:])
     section = (
-        f"\n## CPU: differential-attention SmolLM2-135M vs original ({datetime.date.today().isoformat()})\n\n"
+        "\n## CPU: differential-attention SmolLM2-135M (V1 and DIFF V2) vs original "
+        f"({datetime.date.today().isoformat()})\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}; "
         f"fp32, SDPA; V1 = default conversion (doubled heads, two attention calls, mix = 0), V2 = `--variant v2` "
         f"(2H query heads, one call); median of {args.repeats} interleaved repeats.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
-    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nEvery figure with its date, machine, versions and the command that produced it.\n")
-    with path.open("a") as f:
-        f.write(section)
-    print(f"appended to {path}")
+    print(f"appended to {write_section(section)}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
@@ -177,8 +178,7 @@ def main():
         f"decode batch 8 × {prompt.shape[1]} + {new_tokens} new tokens, attention layer batch 4; median times.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
-    with (Path(__file__).resolve().parent.parent / "BENCHMARKS.md").open("a") as f:
-        f.write(section)
+    print(f"appended to {write_section(section)}")
 
 
 if __name__ == "__main__":

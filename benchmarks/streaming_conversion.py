@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.io.reader import TensorSpec  # noqa: E402
@@ -208,15 +209,7 @@ def main():
         "noise to every time (load average in the table); an idle machine gives steadier figures.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
-    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    start = text.find("\n## Streaming conversion of")
-    if start < 0:
-        text += section
-    else:  # replace the previous run's section
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
+    path = write_section(section, replace="## Streaming conversion of")  # the previous run's section goes
     print(f"wrote the streaming section of {path}")
 
 
