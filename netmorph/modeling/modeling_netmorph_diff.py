@@ -157,7 +157,9 @@ class NetmorphDiffAttention(nn.Module):
     """Differential attention with a standard 4-D KV cache.
 
     "doubled" layout: q_proj has 2H heads and k_proj 2G heads; heads [0, H) / [0, G) are the positive component
-    (the source model's q/k), the rest the negative one. The cache holds 2G key heads and G value heads.
+    (the source model's q/k), the rest the negative one. The KV cache holds G key heads of width 2d (both
+    components side by side) and G value heads of width d: static caches preallocate keys and values with one head
+    count.
     "split" layout: q_proj/k_proj keep H/G heads; the first half is positive, the second half negative, and the
     H/2 differential heads read the concatenation of the two value halves (value dim 2d).
     "v2" layout (DIFF V2): q_proj has 2H heads, K/V keep G heads; one attention call over all 2H query heads, then
@@ -233,8 +235,12 @@ class NetmorphDiffAttention(nn.Module):
         for name in _LAYER_ONLY_KWARGS:
             kwargs.pop(name, None)
         query, key, value = self._project(hidden_states, position_embeddings)
+        if self.layout == "doubled":
+            # Caches (static ones preallocate keys and values with the same head count) hold one key per KV head:
+            # the positive and negative components side by side, (B, G, S, 2d).
+            key = torch.cat(key.chunk(2, dim=1), dim=-1)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, ·, S, d)
+            key, value = cache.update(key, value, self.layer_idx)  # (B, G, S, d or 2d)
 
         if self.config._attn_implementation == "flex_attention" and isinstance(attention_mask, torch.Tensor):
             attention_mask = _block_mask_from_tensor(attention_mask)
@@ -253,10 +259,11 @@ class NetmorphDiffAttention(nn.Module):
             return self._finish(*self._forward_v2(attention, hidden_states, query, key, value, attention_mask,
                                                   call_kwargs))
         query_pos, query_neg = query.chunk(2, dim=1)
-        key_pos, key_neg = key.chunk(2, dim=1)
         if self.layout == "doubled":
+            key_pos, key_neg = key.chunk(2, dim=-1)
             value_pos = value_neg = value
         else:
+            key_pos, key_neg = key.chunk(2, dim=1)
             value_pos = value_neg = self._split_layout_value(value)
 
         out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, call_kwargs)
