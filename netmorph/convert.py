@@ -397,18 +397,9 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
 FULL_VERIFY_MEMORY_SHARE = 0.5
 
 
-def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec],
-                         model_type: str = "llama") -> bool:
+def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec]) -> bool:
     """Layer-wise when asked, or ("auto") when two fp32 models would not fit comfortably in available memory.
-    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already), and only
-    Llama-style models (the layer-wise runner feeds raw embeddings to `model.layers` and ends with `model.norm`)."""
-    if model_type not in LLAMA_STYLE:
-        if options.verify_mode == "layerwise":
-            raise NetmorphError(
-                f"--verify-mode layerwise supports {', '.join(LLAMA_STYLE)} models, not {model_type}: "
-                "use --verify-mode full"
-            )
-        return False
+    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already)."""
     if options.verify_mode == "full" or not isinstance(reader, SafetensorsReader):
         return False
     if options.verify_mode == "layerwise":
@@ -464,7 +455,7 @@ def convert_diff_transformer(
     # The whole conversion on meta tensors first: every output name, shape and dtype, with no data.
     plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe, recorder, options.seed))
     plan_bytes = sum(tensor.nbytes for tensor in plan)
-    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan, spec.model_type)
+    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan)
     log.info("converting %s (%s, %d layers) → %s", source.description, spec.model_type, config.num_hidden_layers, output_dir)
 
     with atomic_output_dir(output_dir) as tmp:

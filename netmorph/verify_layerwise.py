@@ -1,8 +1,11 @@
 """Layer-wise verification for checkpoints larger than RAM: one decoder layer of each model in memory at a time.
 
-Each model is built on the meta device (its class, from its own config: no memory), and one module at a time is
-materialized in fp32 from its safetensors tensors, run, and dropped again. Both models get the same hidden states,
-the embedding of real text by the original model. Per layer, two figures:
+Each model is its own class (stock transformers or netmorph's) built on the meta device from its own config, so it
+takes no memory, and runs its own forward — masks, positions, embedding scale, residual wiring are each family's
+own code — while hooks load each decoder layer in fp32 from its safetensors tensors just before it runs and drop it
+right after. The modules outside the layers (final norm, learned positions) stay loaded; of the embedding only the
+rows of the text's tokens are read, and lm_head is applied a block of rows at a time. The texts run as one batch,
+so each layer is read from disk once per model. Per layer, two figures:
 
 - same input: both layers fed the ORIGINAL model's hidden states, so a difference does not compound; this is the
   layer's own error, and the original's output is what both models get at the next layer;
@@ -100,7 +103,9 @@ class LayerwiseReport:
 
 
 class LayerByLayer:
-    """One checkpoint as its own model class on the meta device; `materialize` loads one module's tensors (fp32)."""
+    """One checkpoint as its own (stock or netmorph) model class, parameters on the meta device. `run` calls the
+    model's own forward — so each family's masks, positions, embedding scale and residual wiring are its own code —
+    while hooks load each decoder layer (fp32) just before it runs and drop it right after."""
 
     def __init__(self, path: str | Path, attn_implementation: str, trust_remote_code: bool):
         from transformers import AutoModelForCausalLM
@@ -124,23 +129,52 @@ class LayerByLayer:
                 trust_remote_code=trust_remote_code,
             )
         self.model.eval()
-        base = self.model.base_model
-        self.layers = list(base.layers)
-        self.final_norm = base.norm
         self._names = {id(module): name for name, module in self.model.named_modules()}
-        with torch.device("cpu"):  # rotary frequencies are computed, not stored: build them for real
-            self.rotary = type(base.rotary_emb)(config=self.config)
+        self.layers = _decoder_layers(self.model, self.config.num_hidden_layers)
+        self.final_norm = _final_norm(self.model.base_model)
+        self._compute_non_persistent_buffers()
+        self._load_resident()
+
+    def _compute_non_persistent_buffers(self) -> None:
+        """Rotary frequencies, embedding scales, …: computed at construction, never stored. As transformers'
+        own loading does, they get real memory and the model's `_init_weights` fills them."""
+        owners = {}
+        for name, buffer in self.model.named_buffers():
+            owner_name, _, key = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            if key in owner._non_persistent_buffers_set:
+                owner._buffers[key] = torch.empty(buffer.shape, dtype=buffer.dtype)
+                owners[id(owner)] = owner
+        for owner in owners.values():
+            self.model._init_weights(owner)
+
+    def _load_resident(self) -> None:
+        """Everything outside the decoder layers and the two vocabulary matrices: final norm, learned positions."""
+        skip = tuple(self.tensor_name(layer, "") for layer in self.layers)
+        skip += tuple(self.tensor_name(m, "") for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()))
+        state = {key: self.read(key).to(torch.float32) for key in self.model.state_dict()
+                 if not key.startswith(skip)}
+        self.model.load_state_dict(state, strict=False, assign=True)
 
     def tensor_name(self, module: nn.Module, key: str) -> str:
         return f"{self._names[id(module)]}.{key}"
 
     def read(self, name: str) -> torch.Tensor:
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        if tied and name not in self.reader and name == self.tensor_name(self.model.get_output_embeddings(), "weight"):
-            name = self.tensor_name(self.model.get_input_embeddings(), "weight")
+        if name not in self.reader and name == self.tensor_name(self.model.get_output_embeddings(), "weight"):
+            name = self._stored_lm_head()
         if name not in self.reader:
             raise NetmorphError(f"{self.source.path} has no tensor {name}: the checkpoint is incomplete")
         return self.reader.get(name)
+
+    def _stored_lm_head(self) -> str:
+        """The output embedding's tensor when it is not stored under its module's name: the family's stock name
+        (GPT-NeoX's module `lm_head` is saved as `embed_out`), or the input embedding when the two are tied."""
+        from netmorph.arch import FAMILIES
+
+        family = FAMILIES.get(getattr(self.config, "source_family", None) or self.config.model_type)
+        if family is not None and family.lm_head in self.reader:
+            return family.lm_head
+        return self.tensor_name(self.model.get_input_embeddings(), "weight")
 
     def materialize(self, module: nn.Module) -> nn.Module:
         """Load the module's parameters and persistent buffers from the checkpoint, in fp32, one tensor at a time."""
@@ -153,56 +187,100 @@ class LayerByLayer:
         module.to("meta")
         release_freed_memory()
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.read(self.tensor_name(self.model.get_input_embeddings(), "weight"))
-        return weight[ids].to(torch.float32)  # (1, T, D): only the rows of these tokens stay in memory
-
-    def layer_masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": None, "past_key_values": None,
-                  "position_ids": position_ids}
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        types = _layer_types(self.config)
-        if "sliding_attention" in types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return [masks[kind] for kind in types]
-
     @torch.no_grad()
-    def final_norm_of(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        norm = self.materialize(self.final_norm)
-        normed = [norm(hidden)[0] for hidden in hidden_states]  # (T, D) per text
-        self.release(norm)
-        return normed
+    def run(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, on_layer) -> torch.Tensor:
+        """The model's forward on `ids` (B, T) up to its final norm → (B, T, D). Only the embedding rows of these
+        tokens are loaded: the ids are renumbered into a compact embedding table. `on_layer(index, layer, args,
+        kwargs, output)` sees each decoder layer's call while the layer is loaded."""
+        embedding = self.model.get_input_embeddings()
+        used, compact_ids = torch.unique(ids, return_inverse=True)
+        weight = self.read(self.tensor_name(embedding, "weight"))
+        embedding.weight = nn.Parameter(weight[used].to(torch.float32), requires_grad=False)  # (used tokens, D)
+        hooks = []
+        for index, layer in enumerate(self.layers):
+            hooks.append(layer.register_forward_pre_hook(self._before_layer))
+            hooks.append(layer.register_forward_hook(
+                lambda module, args, kwargs, output, index=index: self._after_layer(index, module, args, kwargs,
+                                                                                     output, on_layer),
+                with_kwargs=True))
+        try:
+            out = self.model.base_model(input_ids=compact_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.release(embedding)
+        return out.last_hidden_state
+
+    def _before_layer(self, module, args) -> None:
+        self.materialize(module)
+
+    def _after_layer(self, index, module, args, kwargs, output, on_layer):
+        on_layer(index, module, args, kwargs, _hidden(output))
+        self.release(module)
 
     @torch.no_grad()
     def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
-        """(T, D) → fp32 logits (T, vocab), converting the (vocab, D) weight to fp32 a block of rows at a time."""
+        """(T, D) → fp32 logits (T, vocab), converting the (vocab, D) weight to fp32 a block of rows at a time
+        (and Gemma 2/3's final logit soft-capping)."""
         weight = self.read(self.tensor_name(self.model.get_output_embeddings(), "weight"))
         logits = torch.empty(normed.shape[0], weight.shape[0])
         for start in range(0, weight.shape[0], LM_HEAD_ROWS_PER_CHUNK):
             rows = weight[start : start + LM_HEAD_ROWS_PER_CHUNK].float()
             torch.matmul(normed, rows.T, out=logits[:, start : start + rows.shape[0]])
         bias_name = self.tensor_name(self.model.get_output_embeddings(), "bias")
-        return logits + self.reader.get(bias_name).float() if bias_name in self.reader else logits
+        if bias_name in self.reader:
+            logits += self.reader.get(bias_name).float()
+        if (cap := getattr(self.config, "final_logit_softcapping", None)) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
-def _layer_types(config) -> list[str]:
-    from netmorph.arch import FAMILIES
-
-    if config.model_type in FAMILIES:
-        return FAMILIES[config.model_type].layer_types(config)
-    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, mask, position_embeddings, position_ids) -> torch.Tensor:
-    out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
-                past_key_values=None, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out
+def _decoder_layers(model: nn.Module, depth: int) -> list[nn.Module]:
+    """The decoder layer list: the outermost ModuleList of `num_hidden_layers` entries (model.layers,
+    gpt_neox.layers, transformer.h, …; StableLM's per-head norm lists lie deeper)."""
+    candidates = [(name.count("."), name) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if not candidates:
+        raise NetmorphError(f"found no list of {depth} decoder layers in {type(model).__name__}: "
+                            "use full verification (--verify-mode full / drop --layerwise)")
+    return list(model.get_submodule(min(candidates)[1]))
 
 
-def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+def _final_norm(base: nn.Module) -> nn.Module | None:
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        if isinstance(module := getattr(base, name, None), nn.Module):
+            return module
+    return None
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A layer's call arguments with its hidden-state input replaced (first positional, or `hidden_states=`)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
+    return (a - b)[valid].abs().max().item()
+
+
+def _batch(ids: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Texts as one right-padded batch (padding after a causal sequence changes none of its positions):
+    ids (B, T), the attention mask (None when no text is padded) and the valid positions (B, T)."""
+    length = max(x.shape[1] for x in ids)
+    batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(ids), length, dtype=torch.bool)
+    for row, x in enumerate(ids):
+        batch[row, : x.shape[1]], valid[row, : x.shape[1]] = x[0], True
+    return batch, (None if bool(valid.all()) else valid.long()), valid
 
 
 @torch.no_grad()
@@ -226,41 +304,52 @@ def compare_layerwise(
         )
     tokenizer = _tokenizer(models)
     ids = [tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens] for text in texts.values()]
+    batch, attention_mask, valid = _batch(ids)
     report = LayerwiseReport(tolerance=tolerance, attn_implementation=attn_implementation)
+    bar = _progress(2 * len(model_a.layers), progress)
 
-    hidden_a = [model_a.embed(x) for x in ids]  # the original's path (also the "same input" of every layer)
-    hidden_b = [model_b.embed(x) for x in ids]  # the converted model's own path
-    embedding_diff = _max_abs_diff(hidden_a, hidden_b)
-    report.layers.append(LayerComparison("embedding", embedding_diff, embedding_diff))
-    positions = [torch.arange(x.shape[1])[None] for x in ids]
-    rotary = [[m.rotary(h, position_ids=p) for h, p in zip(hidden_a, positions)] for m in models]
-    masks = [[m.layer_masks(h, p) for h, p in zip(hidden_a, positions)] for m in models]
+    # The original, with every layer's output kept: the "same input" of the converted model's next layer.
+    outputs_a = {}
 
-    bar = _progress(len(model_a.layers), progress)
-    for index, (layer_a, layer_b) in enumerate(zip(model_a.layers, model_b.layers)):
-        layer = model_a.materialize(layer_a)
-        out_a = [_run_layer(layer, h, m[index], r, p) for h, m, r, p in zip(hidden_a, masks[0], rotary[0], positions)]
-        model_a.release(layer)
-        layer = model_b.materialize(layer_b)
-        same = [_run_layer(layer, h, m[index], r, p) for h, m, r, p in zip(hidden_a, masks[1], rotary[1], positions)]
-        own = [_run_layer(layer, h, m[index], r, p) for h, m, r, p in zip(hidden_b, masks[1], rotary[1], positions)]
-        model_b.release(layer)
-        report.layers.append(LayerComparison(f"layer {index}", _max_abs_diff(out_a, same), _max_abs_diff(out_a, own)))
-        log.debug("layer %d: max |Δ| same input %.3e, own path %.3e", index,
-                  report.layers[-1].same_input_max_abs_diff, report.layers[-1].own_path_max_abs_diff)
-        hidden_a, hidden_b = out_a, own
+    def record(index, layer, args, kwargs, output):
+        if index == 0:
+            outputs_a[-1] = _layer_input(args, kwargs)  # the embedding (scaled, positions added: the model's own)
+        outputs_a[index] = output
         if bar is not None:
             bar.update(1)
+
+    final_a = model_a.run(batch, attention_mask, record)
+
+    # The converted model on its own path, each layer also run on the original's input to the same layer.
+    figures = {}
+
+    def compare(index, layer, args, kwargs, output):
+        if index == 0:
+            embedding = _max_abs_diff(outputs_a[-1], _layer_input(args, kwargs), valid)
+            report.layers.append(LayerComparison("embedding", embedding, embedding))
+        same_args, same_kwargs = _with_hidden(args, kwargs, outputs_a[index - 1])
+        same = _hidden(layer.forward(*same_args, **same_kwargs))  # .forward: no hooks, the layer stays loaded
+        figures[index] = (_max_abs_diff(outputs_a[index], same, valid), _max_abs_diff(outputs_a[index], output, valid))
+        if bar is not None:
+            bar.update(1)
+
+    final_b = model_b.run(batch, attention_mask, compare)
+    report.layers += [LayerComparison(f"layer {index}", *figures[index]) for index in sorted(figures)]
     if bar is not None:
         bar.close()
 
-    # One text's logits at a time: (T, vocab) in fp32 is large for a big vocabulary.
     head_same_input = 0.0
-    finals = zip(model_a.final_norm_of(hidden_a), model_b.final_norm_of(hidden_a), model_b.final_norm_of(hidden_b))
-    for name, x, (final_a, final_b_same, final_b) in zip(texts, ids, finals):
-        logits_a = model_a.lm_head(final_a)
-        head_same_input = max(head_same_input, (logits_a - model_b.lm_head(final_b_same)).abs().max().item())
-        logits_b = model_b.lm_head(final_b)
+    norm_b = model_b.final_norm  # loaded with the other resident modules
+    if norm_b is not None:  # the converted model's final norm + lm_head on the original's last hidden states
+        final_b_same = norm_b(outputs_a[len(model_a.layers) - 1])
+    # One text's logits at a time: (T, vocab) in fp32 is large for a big vocabulary.
+    for row, (name, x) in enumerate(zip(texts, ids)):
+        positions = valid[row]
+        logits_a = model_a.lm_head(final_a[row, positions])
+        if norm_b is not None:
+            head_same_input = max(head_same_input,
+                                  (logits_a - model_b.lm_head(final_b_same[row, positions])).abs().max().item())
+        logits_b = model_b.lm_head(final_b[row, positions])
         report.texts.append(compare_logits(logits_a, logits_b, x, name))
         report.top1_agreement.append((logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean().item())
         del logits_a, logits_b

@@ -167,11 +167,37 @@ def test_alibi_falcon_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_layerwise_verification_is_refused_for_stock_family_models(tmp_path):
-    source = save_family_model(tmp_path / "src", "qwen3")
-    with pytest.raises(NetmorphError, match="--verify-mode layerwise supports"):
-        convert(source, tmp_path / "out", verify=True, verify_mode="layerwise")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layerwise_verification_equals_full_verification(tmp_path, variant):
+    """Layer-wise verification runs each family's own forward one loaded layer at a time: its end-to-end figures are
+    the full verify's, on the family's backend, for an exact conversion (passes) and for the approximate split-heads
+    one (real per-layer differences, which it locates)."""
+    from netmorph.sources import default_texts
+    from netmorph.verify import compare_models, load_pair
+    from netmorph.verify_layerwise import compare_layerwise
+    from tests.helpers import save_char_tokenizer
+
+    source = save_char_tokenizer(save_family_model(tmp_path / "src", variant))
+    backend = "sdpa" if stock_supports(source, "sdpa") else "eager"
+    texts = default_texts()
+    for mode, options in (("default", {}), ("split", {"split_heads": True})):
+        if mode == "split" and variant == "falcon-mqa":
+            continue  # one KV head: split heads is refused
+        convert(source, tmp_path / mode, **options)
+        layerwise = compare_layerwise(source, tmp_path / mode, texts, max_tokens=40, attn_implementation=backend,
+                                      trust_remote_code=True)
+        full = compare_models(*load_pair(str(source), str(tmp_path / mode), attn_implementation=backend,
+                                         trust_remote_code=True), texts, prompts=(), max_tokens=40)
+        for a, b in zip(layerwise.texts, full.texts, strict=True):
+            assert a.tokens == b.tokens == 40
+            for figure in ("max_abs_logit_diff", "loss_original", "loss_converted"):
+                assert getattr(a, figure) == pytest.approx(getattr(b, figure), rel=1e-4, abs=1e-5), (mode, figure)
+        assert len(layerwise.layers) == 2 + 2  # embedding, 2 layers, norm + lm_head
+        assert layerwise.layers[0].same_input_max_abs_diff == 0.0  # the same embedding
+        if mode == "default":
+            assert layerwise.passed, layerwise.table()
+        else:
+            assert layerwise.layers[1].same_input_max_abs_diff > 1e-3, layerwise.table()
 
 
 # ── property test: random configs per family ──

@@ -288,15 +288,6 @@ def alibi_falcon(case):
     return [CONVERT, case.src, "-o", case.out]
 
 
-@row("`--verify-mode layerwise` on a family other than Llama/Mistral/Qwen2",
-     "--verify-mode layerwise supports llama, mistral, qwen2 models, not qwen3: use --verify-mode full")
-def layerwise_other_family(case):
-    from tests.family_models import save_family_model
-
-    case.src = save_family_model(case.tmp / "qwen3", "qwen3")
-    return [CONVERT, case.src, "-o", case.out, "--verify-mode", "layerwise"]
-
-
 @row("`--split-heads` with odd head counts (9 query / 3 KV)",
      "--split-heads needs even head counts, but the model has 9 query and 3 KV heads: drop --split-heads to use the "
      "doubled-heads layout")
