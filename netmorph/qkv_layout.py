@@ -35,7 +35,7 @@ from netmorph.ops.grow import split_gate_up
 from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
 from netmorph.options import QkvLayoutOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import VerifyReport, compare_models
+from netmorph.verify import compare_models
 
 log = logging.getLogger("netmorph")
 
@@ -86,7 +86,7 @@ class LayoutResult:
     output_dir: Path
     plan: LayoutPlan
     round_trip_tensors: int = 0
-    reports: list[VerifyReport] = field(default_factory=list)
+    reports: list = field(default_factory=list)  # VerifyReport, or LayerwiseReport when verified layer by layer
 
 
 # ── which layout a checkpoint holds, under which names ──
@@ -305,9 +305,18 @@ def fits_in_memory(reader: TensorReader) -> bool:
     return 2 * 4 * elements <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
 
 
-def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions) -> VerifyReport:
+def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions,
+                  layerwise: bool = False):
+    """Both stock models on real text: whole (logits + greedy generation), or — when two fp32 copies do not fit in
+    memory — one decoder layer of each at a time (`netmorph.verify_layerwise`)."""
     from transformers import AutoModelForCausalLM
 
+    if layerwise:
+        from netmorph.verify_layerwise import compare_layerwise
+
+        log.info("verifying layer by layer: two fp32 copies of the model do not fit in memory")
+        return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
+                                 attn_implementation=plan.target_spec.attention_backend, progress=options.progress)
     converted = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                      attn_implementation=plan.target_spec.attention_backend).eval()
     original = source.load_model(plan.source_spec.attention_backend)
@@ -368,8 +377,8 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
         if options.verify or options.debug:
             result.round_trip_tensors = check_round_trip(reader, tmp, plan)
             log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
-            if plan.stock and plan.source_stock and fits_in_memory(reader):
-                report = verify_logits(source, tmp, plan, options)
+            if plan.stock and plan.source_stock and (fits_in_memory(reader) or source.kind == "hf"):
+                report = verify_logits(source, tmp, plan, options, layerwise=not fits_in_memory(reader))
                 result.reports.append(report)
                 if not report.passed:  # NaN fails too
                     raise NetmorphError(
@@ -377,7 +386,5 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
                         f"{options.tolerance:g}) or a greedy generation differs; nothing was written (please report "
                         "this as a bug)"
                     )
-            elif plan.stock and plan.source_stock:
-                log.info("logit comparison skipped: two fp32 copies of the model do not fit in memory")
         write_model_card(tmp, source, plan, result)
     return result

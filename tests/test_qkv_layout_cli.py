@@ -162,6 +162,20 @@ def test_phi3_to_separate_is_a_stock_llama_verified_on_real_text(tmp_path):
     assert compare(source, tmp_path / "llama") <= cross_family_tolerance(source)
 
 
+def test_verified_layer_by_layer_when_two_copies_do_not_fit(tmp_path, monkeypatch):
+    """Short of memory for two fp32 models, the command verifies one decoder layer of each at a time."""
+    import netmorph.qkv_layout as command
+    from netmorph.verify_layerwise import LayerwiseReport
+
+    source = save_char_tokenizer(save_tiny_model(tmp_path / "src", "llama", attention_bias=False, head_dim=4))
+    monkeypatch.setattr(command, "fits_in_memory", lambda reader: False)
+    result = command.convert_qkv_layout(str(source), tmp_path / "phi3", command.QkvLayoutOptions.build(to="sequential"))
+    [report] = result.reports
+    assert isinstance(report, LayerwiseReport) and report.passed
+    assert len(report.layers) == 2 + 2 and report.max_abs_logit_diff <= cross_family_tolerance(source)
+    assert "layer-wise" in (tmp_path / "phi3" / "README.md").read_text()
+
+
 def test_phi3_with_partial_rotary_refuses_the_llama_target(tmp_path):
     source = save_stock(tmp_path / "src", Phi3ForCausalLM,
                         phi3_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
