@@ -7,6 +7,10 @@ triton (Triton reads it when its own library functions are decorated). With a GP
 is not measured here (benchmarks/gpu_diff_attention.py does).
 """
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -281,3 +285,30 @@ def test_auto_keeps_the_unfused_path_on_cpu(split_model_dir, monkeypatch):
                         lambda *args: pytest.fail("the kernel ran in auto mode on CPU"))
     with torch.no_grad():
         model(random_ids(batch=1, length=4))
+
+
+def test_split_conversion_loads_as_remote_code_without_netmorph_or_triton(split_model_dir, tmp_path):
+    """The kernel file travels with the modeling code; a process where neither netmorph nor triton can be imported
+    loads the split conversion with trust_remote_code alone (transformers' import check included) and runs it."""
+    assert (split_model_dir / "split_diff_kernel.py").exists()
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["netmorph"] = None  # any import of netmorph now raises ImportError
+        sys.modules["triton"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+        logits = {{}}
+        for backend in ("eager", "sdpa"):
+            model = AutoModelForCausalLM.from_pretrained({str(split_model_dir)!r}, trust_remote_code=True,
+                                                         dtype=torch.float32, attn_implementation=backend)
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                logits[backend] = model(ids).logits
+        print("MAXDIFF", (logits["eager"] - logits["sdpa"]).abs().max().item())
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home"),
+           "NETMORPH_SPLIT_KERNEL": "auto"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("MAXDIFF")[1]) <= 2e-5
