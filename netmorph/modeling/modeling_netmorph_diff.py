@@ -375,6 +375,8 @@ class NetmorphDiffAttention(nn.Module):
             return None
         implementation = self.config._attn_implementation
         allowed = _allowed_keys(attention_mask)
+        if allowed is not None:  # as sdpa does: a mask may cover more key positions than the cache holds
+            allowed = allowed[..., : key_pos.shape[-2]]
         if implementation != "sdpa":
             reason = f"attention implementation {implementation!r} (the kernel replaces sdpa)"
         else:
