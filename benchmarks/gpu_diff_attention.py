@@ -226,10 +226,11 @@ def main():
     command = "python benchmarks/gpu_diff_attention.py " + " ".join(sys.argv[1:])
     section = (
         f"\n## GPU: differential attention at the anchor shapes ({datetime.date.today().isoformat()})\n\n"
-        f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, Python "
+        f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, triton "
+        f"{getattr(sys.modules.get('triton'), '__version__', 'not imported')}, Python "
         f"{platform.python_version()}; {str(dtype).removeprefix('torch.')}, SDPA; shapes {shape}; training step batch 2, "
-        f"decode batch 8 × {prompt.shape[1]} + {new_tokens} new tokens, attention layer batch 4; attention calls causal, "
-        f"batch {4 if not args.small else 1}, no projections; median times.\n"
+        f"decode batch 8 × {prompt.shape[1]} + {new_tokens} new tokens, attention layer batch 4; attention calls "
+        f"causal, batch {4 if not args.small else 1}, no projections; median times.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     print(f"appended to {write_section(section)}")

@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the fused split-heads kernel cannot run")
 
-from netmorph.modeling import split_diff_kernel  # noqa: E402
-from netmorph.modeling.split_diff_kernel import interpreter_mode, split_diff_attention  # noqa: E402
-from tests.helpers import convert, load, random_ids, save_tiny_model  # noqa: E402
+from netmorph.modeling import split_diff_kernel
+from netmorph.modeling.split_diff_kernel import interpreter_mode, split_diff_attention
+from tests.helpers import convert, load, random_ids, save_tiny_model
 
 DEVICE = "cpu" if interpreter_mode() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():

@@ -8,8 +8,8 @@ and ONE value of width 2d. Per head:
 and the layer combines o_pos − λ·o_neg in torch (so autograd handles λ, the sub-layer norm and everything after).
 Two SDPA calls with a 2d-wide value fall off the flash kernels (value dim ≠ q/k dim) and cost about twice one standard
 attention, while the FLOPs are 1.5×: QKᵀ twice at width d, PV twice at width 2d. This kernel makes one pass over the
-keys per query block with two online softmaxes (running max and sum for each map) and the shared V tile, FlashAttention-2
-style; the backward recomputes both maps from the saved log-sum-exps.
+keys per query block with two online softmaxes (running max and sum for each map) and the shared V tile,
+FlashAttention-2 style; the backward recomputes both maps from the saved log-sum-exps.
 
 Masks, ANDed together when several are on:
 - causal, aligned bottom-right: query i sits at key position i + S − T (a KV-cache prefill/decode), and whole key
@@ -86,6 +86,35 @@ def _allowed_tile(MASK, stride_mt, stride_ms, offs_m, offs_n, T, S, window, CAUS
     return allowed
 
 
+def _key_tiles(KP, KN, V, offs_n, offs_d, offs_dv, stride_ks, stride_vs, S, head_dim, value_dim):
+    """k_pos, k_neg (BLOCK_N, BLOCK_D) and v (BLOCK_N, BLOCK_DV) of one key block (pointers at its batch and group),
+    zero outside the tensors."""
+    k_at = offs_n[:, None] * stride_ks + offs_d[None, :]
+    k_in = (offs_n[:, None] < S) & (offs_d[None, :] < head_dim)
+    v = tl.load(V + offs_n[:, None] * stride_vs + offs_dv[None, :],
+                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < value_dim), other=0.0)
+    return tl.load(KP + k_at, mask=k_in, other=0.0), tl.load(KN + k_at, mask=k_in, other=0.0), v
+
+
+def _query_tiles(QP, QN, DOP, DON, LSEP, LSEN, DELTAP, DELTAN, batch, head, offs_m, offs_d, offs_dv,
+                 stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, num_heads, T, head_dim, value_dim):
+    """What the backward reads of one query block of one head: q_pos, q_neg, dO_pos, dO_neg, the two log-sum-exps in
+    log2 units and the two deltas rowsum(dO ∘ O)."""
+    q_at = batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q_in = (offs_m[:, None] < T) & (offs_d[None, :] < head_dim)
+    do_at = batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
+    do_in = (offs_m[:, None] < T) & (offs_dv[None, :] < value_dim)
+    row_at = (batch * num_heads + head) * T + offs_m
+    rows = offs_m < T
+    return (
+        tl.load(QP + q_at, mask=q_in, other=0.0), tl.load(QN + q_at, mask=q_in, other=0.0),
+        tl.load(DOP + do_at, mask=do_in, other=0.0), tl.load(DON + do_at, mask=do_in, other=0.0),
+        tl.load(LSEP + row_at, mask=rows, other=0.0) * 1.4426950408889634,
+        tl.load(LSEN + row_at, mask=rows, other=0.0) * 1.4426950408889634,
+        tl.load(DELTAP + row_at, mask=rows, other=0.0), tl.load(DELTAN + row_at, mask=rows, other=0.0),
+    )
+
+
 def _mma(a, b, DOT):
     """tl.dot with the operand precision DOT: "ieee" (fp32 inputs stay fp32, no TF32), "tf32" (16-bit inputs), or
     "upcast": Triton's CPU interpreter multiplies bf16 bit patterns as integers, so there the (already rounded)
@@ -149,12 +178,7 @@ def _forward_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         allowed = _allowed_tile(MASK, stride_mt, stride_ms, offs_m, offs_n, T, S, window, CAUSAL, WINDOW, HAS_MASK)
-        k_at = offs_n[:, None] * stride_ks + offs_d[None, :]
-        k_in = (offs_n[:, None] < S) & (offs_d[None, :] < head_dim)
-        k_pos = tl.load(KP + k_at, mask=k_in, other=0.0)
-        k_neg = tl.load(KN + k_at, mask=k_in, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < value_dim), other=0.0)
+        k_pos, k_neg, v = _key_tiles(KP, KN, V, offs_n, offs_d, offs_dv, stride_ks, stride_vs, S, head_dim, value_dim)
         s_pos = tl.where(allowed, _mma(q_pos, tl.trans(k_pos), DOT) * qk_scale, float("-inf"))
         s_neg = tl.where(allowed, _mma(q_neg, tl.trans(k_neg), DOT) * qk_scale, float("-inf"))
         m_pos, l_pos, acc_pos = _online_softmax_step(s_pos, v, m_pos, l_pos, acc_pos, DOT)
@@ -187,19 +211,9 @@ def _backward_query_kernel(
     group = head // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d, offs_dv, offs_n0 = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_N)
-    q_at = batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q_in = (offs_m[:, None] < T) & (offs_d[None, :] < head_dim)
-    q_pos = tl.load(QP + q_at, mask=q_in, other=0.0)
-    q_neg = tl.load(QN + q_at, mask=q_in, other=0.0)
-    do_at = batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
-    do_in = (offs_m[:, None] < T) & (offs_dv[None, :] < value_dim)
-    do_pos = tl.load(DOP + do_at, mask=do_in, other=0.0)
-    do_neg = tl.load(DON + do_at, mask=do_in, other=0.0)
-    row_at = (batch * num_heads + head) * T + offs_m
-    lse2_pos = tl.load(LSEP + row_at, mask=offs_m < T, other=0.0) * 1.4426950408889634
-    lse2_neg = tl.load(LSEN + row_at, mask=offs_m < T, other=0.0) * 1.4426950408889634
-    delta_pos = tl.load(DELTAP + row_at, mask=offs_m < T, other=0.0)
-    delta_neg = tl.load(DELTAN + row_at, mask=offs_m < T, other=0.0)
+    q_pos, q_neg, do_pos, do_neg, lse2_pos, lse2_neg, delta_pos, delta_neg = _query_tiles(
+        QP, QN, DOP, DON, LSEP, LSEN, DELTAP, DELTAN, batch, head, offs_m, offs_d, offs_dv,
+        stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, num_heads, T, head_dim, value_dim)
     KP += batch * stride_kb + group * stride_kh
     KN += batch * stride_kb + group * stride_kh
     V += batch * stride_vb + group * stride_vh
@@ -211,12 +225,7 @@ def _backward_query_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         allowed = _allowed_tile(MASK, stride_mt, stride_ms, offs_m, offs_n, T, S, window, CAUSAL, WINDOW, HAS_MASK)
-        k_at = offs_n[:, None] * stride_ks + offs_d[None, :]
-        k_in = (offs_n[:, None] < S) & (offs_d[None, :] < head_dim)
-        k_pos = tl.load(KP + k_at, mask=k_in, other=0.0)
-        k_neg = tl.load(KN + k_at, mask=k_in, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < value_dim), other=0.0)
+        k_pos, k_neg, v = _key_tiles(KP, KN, V, offs_n, offs_d, offs_dv, stride_ks, stride_vs, S, head_dim, value_dim)
         _, ds_pos = _probabilities_and_score_grads(q_pos, k_pos, v, do_pos, lse2_pos, delta_pos, allowed, qk_scale,
                                                    DOT)
         _, ds_neg = _probabilities_and_score_grads(q_neg, k_neg, v, do_neg, lse2_neg, delta_neg, allowed, qk_scale,
@@ -225,8 +234,9 @@ def _backward_query_kernel(
         dq_neg += _mma(ds_neg.to(k_neg.dtype), k_neg, DOT)
 
     dq_at = batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :]
-    tl.store(DQP + dq_at, (dq_pos * scale).to(DQP.dtype.element_ty), mask=q_in)
-    tl.store(DQN + dq_at, (dq_neg * scale).to(DQN.dtype.element_ty), mask=q_in)
+    dq_in = (offs_m[:, None] < T) & (offs_d[None, :] < head_dim)
+    tl.store(DQP + dq_at, (dq_pos * scale).to(DQP.dtype.element_ty), mask=dq_in)
+    tl.store(DQN + dq_at, (dq_neg * scale).to(DQN.dtype.element_ty), mask=dq_in)
 
 
 def _backward_key_kernel(
@@ -238,20 +248,16 @@ def _backward_key_kernel(
     BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_D: constexpr, BLOCK_DV: constexpr,
 ):
     """dk_pos, dk_neg, dv for one (key block, batch × KV group), summed over the group's query heads in registers:
-    dv = P_posᵀ·dO_pos + P_negᵀ·dO_neg, dk = dSᵀ·q·scale. Strides of dk and dv: stride_g* and the v strides' layout
-    (dk/dv are contiguous, dv allocated like v)."""
+    dv = P_posᵀ·dO_pos + P_negᵀ·dO_neg, dk = dSᵀ·q·scale. dk is stored with the strides stride_g*, dv with those
+    of v (it is allocated like v)."""
     start_n = tl.program_id(0) * BLOCK_N
     num_groups = num_heads // group_size
     batch, group = tl.program_id(1) // num_groups, tl.program_id(1) % num_groups
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d, offs_dv, offs_m0 = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_M)
-    k_at = batch * stride_kb + group * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    k_in = (offs_n[:, None] < S) & (offs_d[None, :] < head_dim)
-    k_pos = tl.load(KP + k_at, mask=k_in, other=0.0)
-    k_neg = tl.load(KN + k_at, mask=k_in, other=0.0)
-    v_at = batch * stride_vb + group * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :]
-    v_in = (offs_n[:, None] < S) & (offs_dv[None, :] < value_dim)
-    v = tl.load(V + v_at, mask=v_in, other=0.0)
+    k_base, v_base = batch * stride_kb + group * stride_kh, batch * stride_vb + group * stride_vh
+    k_pos, k_neg, v = _key_tiles(KP + k_base, KN + k_base, V + v_base, offs_n, offs_d, offs_dv, stride_ks, stride_vs,
+                                 S, head_dim, value_dim)
     MASK += batch * stride_mb
 
     dk_pos = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -261,19 +267,9 @@ def _backward_key_kernel(
     for head in range(group * group_size, (group + 1) * group_size):
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            q_at = batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-            q_in = (offs_m[:, None] < T) & (offs_d[None, :] < head_dim)
-            q_pos = tl.load(QP + q_at, mask=q_in, other=0.0)
-            q_neg = tl.load(QN + q_at, mask=q_in, other=0.0)
-            do_at = batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
-            do_in = (offs_m[:, None] < T) & (offs_dv[None, :] < value_dim)
-            do_pos = tl.load(DOP + do_at, mask=do_in, other=0.0)
-            do_neg = tl.load(DON + do_at, mask=do_in, other=0.0)
-            row_at = (batch * num_heads + head) * T + offs_m
-            lse2_pos = tl.load(LSEP + row_at, mask=offs_m < T, other=0.0) * 1.4426950408889634
-            lse2_neg = tl.load(LSEN + row_at, mask=offs_m < T, other=0.0) * 1.4426950408889634
-            delta_pos = tl.load(DELTAP + row_at, mask=offs_m < T, other=0.0)
-            delta_neg = tl.load(DELTAN + row_at, mask=offs_m < T, other=0.0)
+            q_pos, q_neg, do_pos, do_neg, lse2_pos, lse2_neg, delta_pos, delta_neg = _query_tiles(
+                QP, QN, DOP, DON, LSEP, LSEN, DELTAP, DELTAN, batch, head, offs_m, offs_d, offs_dv,
+                stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, num_heads, T, head_dim, value_dim)
             allowed = _allowed_tile(MASK, stride_mt, stride_ms, offs_m, offs_n, T, S, window, CAUSAL, WINDOW,
                                     HAS_MASK)
             p_pos, ds_pos = _probabilities_and_score_grads(q_pos, k_pos, v, do_pos, lse2_pos, delta_pos, allowed,
@@ -286,12 +282,15 @@ def _backward_key_kernel(
             dk_neg += _mma(tl.trans(ds_neg.to(q_neg.dtype)), q_neg, DOT)
 
     dk_at = batch * stride_gb + group * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
-    tl.store(DKP + dk_at, (dk_pos * scale).to(DKP.dtype.element_ty), mask=k_in)
-    tl.store(DKN + dk_at, (dk_neg * scale).to(DKN.dtype.element_ty), mask=k_in)
-    tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=v_in)
+    dk_in = (offs_n[:, None] < S) & (offs_d[None, :] < head_dim)
+    tl.store(DKP + dk_at, (dk_pos * scale).to(DKP.dtype.element_ty), mask=dk_in)
+    tl.store(DKN + dk_at, (dk_neg * scale).to(DKN.dtype.element_ty), mask=dk_in)
+    dv_at = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :]  # dv is allocated like v
+    tl.store(DV + dv_at, dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < value_dim))
 
 
-_HELPERS = ("_mma", "_key_range", "_query_range", "_allowed_tile", "_online_softmax_step", "_probabilities_and_score_grads")
+_HELPERS = ("_key_tiles", "_query_tiles", "_mma", "_key_range", "_query_range", "_allowed_tile", "_online_softmax_step",
+            "_probabilities_and_score_grads")
 _KERNELS = {}
 
 
@@ -328,7 +327,8 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def unsupported_reason(q_pos, q_neg, k_pos, k_neg, value, mask=None, *, window=None, dropout=0.0, softcap=None) -> str | None:
+def unsupported_reason(q_pos, q_neg, k_pos, k_neg, value, mask=None, *, window=None, dropout=0.0,
+                       softcap=None) -> str | None:
     """Why the fused kernel cannot compute this call (None when it can). Shapes: q_pos, q_neg (B, Hd, T, d);
     k_pos, k_neg (B, Gd, S, d); value (B, Gd, S, 2d); mask None or bool broadcastable to (B, 1, T, S)."""
     if not _import_triton():
@@ -421,7 +421,7 @@ class _Launch:
         return (*self.q_pos.stride()[:3], *self.k_pos.stride()[:3], *self.value.stride()[:3], *self.mask_strides)
 
     def sizes(self):
-        batch, heads, groups, length, keys, head_dim = self.shape
+        _, heads, groups, length, keys, head_dim = self.shape
         return heads, heads // groups, length, keys, head_dim, 2 * head_dim
 
 
