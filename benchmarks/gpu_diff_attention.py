@@ -5,7 +5,10 @@ All in one run, each ratio next to its FLOP-ideal ratio computed from the shapes
 - training step (forward + backward, batch 2 × 4096) of V1 (doubled heads), V1 split heads and DIFF V2 vs Llama,
   with the peak-memory ratio;
 - greedy decode throughput (batch 8, 128 prompt + 128 new tokens) vs Llama;
-- one attention layer forward + backward (batch 4 × 4096, projections included) vs one Llama SDPA attention layer.
+- one attention layer forward + backward (batch 4 × 4096, projections included) vs one Llama SDPA attention layer;
+- attention calls alone, forward + backward (batch 4, causal), vs one SDPA call over (B, H, T, d): doubled heads as
+  two SDPA calls and as one call over 2H heads, DIFF V2 as one call over 2H query heads, split heads as two SDPA calls
+  with 2d-wide values and as one call of the fused Triton kernel (netmorph/modeling/split_diff_kernel.py).
 
 The models are real conversions: a random Llama is saved, converted by `convert_diff_transformer` and loaded.
 
@@ -33,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
 from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM  # noqa: E402
+from netmorph.modeling.split_diff_kernel import split_diff_attention, unsupported_reason  # noqa: E402
 from netmorph.options import ConvertOptions  # noqa: E402
 
 ANCHOR = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -95,6 +99,54 @@ def model_flops(config, tokens: float, variant: str) -> float:
     mlp_and_head = config.num_hidden_layers * 2 * 3 * config.hidden_size * config.intermediate_size
     mlp_and_head += 2 * config.hidden_size * config.vocab_size
     return config.num_hidden_layers * layer_flops(config, tokens, variant) + mlp_and_head
+
+
+def attention_call_rows(shape: dict, device: str, dtype: torch.dtype, measure, batch: int) -> tuple[list[str], str]:
+    """Attention calls alone (no projections), forward + backward, causal, vs one SDPA call over (B, H, T, d): each
+    ratio next to its FLOP-ideal (attention FLOPs ∝ query heads × (q/k width + value width)). Returns the table lines
+    and a note on the fused kernel (why it was skipped, or nothing)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    H, G, d, T = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], shape["tokens"]
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(heads, width):
+        return torch.randn(batch, heads, T, width, generator=generator).to(device, dtype).requires_grad_()
+
+    q, k, v = tensor(H, d), tensor(H, d), tensor(H, d)
+    q2, k2 = tensor(2 * H, d), tensor(2 * H, d)
+    q_pos, q_neg, k_pos, k_neg, v_wide = tensor(H // 2, d), tensor(H // 2, d), tensor(H // 2, d), tensor(H // 2, d), \
+        tensor(H // 2, 2 * d)
+    kv_g = tensor(G, d), tensor(G, d)
+
+    def backward(*outs):
+        sum(out.float().sum() for out in outs).backward()
+
+    calls = {
+        "one SDPA call (unit)": (lambda: backward(sdpa(q, k, v, is_causal=True)), 1.0),
+        "doubled heads, two SDPA calls": (
+            lambda: backward(sdpa(q, k, v, is_causal=True), sdpa(q, k, v, is_causal=True)), 2.0),
+        "doubled heads, one call over 2H heads": (lambda: backward(sdpa(q2, k2, k2, is_causal=True)), 2.0),
+        "V2, one call over 2H query heads": (
+            lambda: backward(sdpa(q2, *kv_g, is_causal=True, enable_gqa=True)), 2.0),
+        "split heads, two SDPA calls (2d values)": (
+            lambda: backward(sdpa(q_pos, k_pos, v_wide, is_causal=True), sdpa(q_neg, k_neg, v_wide, is_causal=True)),
+            1.5),
+    }
+    note = unsupported_reason(q_pos, q_neg, k_pos, k_neg, v_wide)
+    if note is None:
+        calls["split heads, fused Triton kernel"] = (
+            lambda: backward(*split_diff_attention(q_pos, q_neg, k_pos, k_neg, v_wide, causal=True)), 1.5)
+    times = {name: measure(fn) for name, (fn, _) in calls.items()}
+    unit = times["one SDPA call (unit)"]
+    lines = ["| attention call, fwd+bwd | ms | ratio to one SDPA call | FLOP-ideal |", "|---|---|---|---|"]
+    lines += [f"| {name} | {times[name]:.3f} | {times[name] / unit:.3f} | {ideal:.3f} |"
+              for name, (_, ideal) in calls.items()]
+    if note is None and device == "cpu":
+        note = "the fused kernel ran in Triton's CPU interpreter: its time is no measure of its speed"
+    elif note is not None:
+        note = f"fused split-heads kernel skipped: {note}"
+    return lines, note or ""
 
 
 def main():
@@ -165,7 +217,8 @@ def main():
     if peaks:
         lines.append("| training peak memory | {:.2f} GiB | ".format(peaks["Llama"] / 2**30) + " | ".join(
             f"{peaks[n] / 2**30:.2f} GiB | {peaks[n] / peaks['Llama']:.3f} | –" for n in names) + " |")
-    table = "\n".join(lines)
+    call_lines, kernel_note = attention_call_rows(shape, device, dtype, measure, batch=4 if not args.small else 1)
+    table = "\n".join(lines) + "\n\n" + "\n".join(call_lines) + (f"\n\n{kernel_note}" if kernel_note else "")
     print(table)
     if args.no_write:
         return
@@ -173,9 +226,11 @@ def main():
     command = "python benchmarks/gpu_diff_attention.py " + " ".join(sys.argv[1:])
     section = (
         f"\n## GPU: differential attention at the anchor shapes ({datetime.date.today().isoformat()})\n\n"
-        f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, Python "
+        f"Device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, triton "
+        f"{getattr(sys.modules.get('triton'), '__version__', 'not imported')}, Python "
         f"{platform.python_version()}; {str(dtype).removeprefix('torch.')}, SDPA; shapes {shape}; training step batch 2, "
-        f"decode batch 8 × {prompt.shape[1]} + {new_tokens} new tokens, attention layer batch 4; median times.\n"
+        f"decode batch 8 × {prompt.shape[1]} + {new_tokens} new tokens, attention layer batch 4; attention calls "
+        f"causal, batch {4 if not args.small else 1}, no projections; median times.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     print(f"appended to {write_section(section)}")

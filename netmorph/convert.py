@@ -25,7 +25,7 @@ from netmorph.verify import VerifyReport, card_lines, compare_models
 log = logging.getLogger("netmorph")
 
 MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py")
+MODELING_FILES = ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py", "split_diff_kernel.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_netmorph_diff.NetmorphDiffConfig",
     "AutoModel": "modeling_netmorph_diff.NetmorphDiffModel",

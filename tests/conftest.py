@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), "torchinductor-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]))
 
+# The fused split-heads kernel's tests (test_split_diff_kernel.py) run Triton's CPU interpreter, which must be on before
+# triton is imported (torch imports it); with an NVIDIA GPU they run the compiled kernel on it instead.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

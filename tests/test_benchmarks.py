@@ -20,12 +20,17 @@ def run(*args) -> str:
 
 
 def test_gpu_benchmark_smoke_run_on_cpu_prints_every_ratio():
-    table = [line for line in run("--device", "cpu", "--small", "--no-write").splitlines() if line.startswith("| ")]
+    table_text = run("--device", "cpu", "--small", "--no-write")
+    table = [line for line in table_text.splitlines() if line.startswith("| ")]
     rows = {line.split("|")[1].strip(): line for line in table}
     assert {"training step", "greedy decode", "attention layer fwd+bwd"} <= set(rows)
     for name in ("training step", "greedy decode", "attention layer fwd+bwd"):
         cells = [c.strip() for c in rows[name].split("|")[2:-1]]
         assert len(cells) == 10 and all(float(c) > 0 for c in cells)
+    calls = [name for name in rows if "SDPA call" in name or "heads, " in name]
+    assert len(calls) >= 5 and all(len(rows[name].split("|")) == 6 for name in calls)
+    # the fused kernel runs (in Triton's interpreter, TRITON_INTERPRET=1 from conftest) or says why it did not
+    assert "split heads, fused Triton kernel" in rows or "fused split-heads kernel skipped" in table_text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the plain run would benchmark, not skip")

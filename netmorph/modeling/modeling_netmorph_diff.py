@@ -27,6 +27,7 @@ d head_dim.
 """
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ from .configuration_netmorph_diff import (
     NetmorphDiffQwen3Config,
     NetmorphDiffStableLmConfig,
 )
+from .split_diff_kernel import split_diff_attention, unsupported_reason
 
 # Backends that accept a value head dim different from the q/k head dim in a single call.
 _WIDE_VALUE_BACKENDS = ("eager", "sdpa")
@@ -266,8 +268,14 @@ class NetmorphDiffAttention(nn.Module):
             key_pos, key_neg = key.chunk(2, dim=1)
             value_pos = value_neg = self._split_layout_value(value)
 
-        out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, call_kwargs)
-        out_neg, weights_neg = self._attend(attention, query_neg, key_neg, value_neg, attention_mask, call_kwargs)
+        fused = None
+        if self.layout == "split":
+            fused = self._split_kernel(query_pos, query_neg, key_pos, key_neg, value_pos, attention_mask, call_kwargs)
+        if fused is not None:
+            (out_pos, out_neg), weights_pos = fused, None
+        else:
+            out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, call_kwargs)
+            out_neg, weights_neg = self._attend(attention, query_neg, key_neg, value_neg, attention_mask, call_kwargs)
         lam = self.lambda_full().to(out_pos.dtype)
         out = out_pos - lam * out_neg  # (B, T, heads, value_dim)
         if self.subln is not None:
@@ -360,6 +368,39 @@ class NetmorphDiffAttention(nn.Module):
         value_first, value_second = value.chunk(2, dim=1)
         return torch.cat([value_first, value_second], dim=-1)
 
+    def _split_kernel(self, query_pos, query_neg, key_pos, key_neg, value, attention_mask, call_kwargs):
+        """Both maps of the split layout in one fused Triton kernel (split_diff_kernel.py): about 1.5× the FLOPs of one
+        attention where two SDPA calls with a 2d-wide value fall off the flash kernels. Returns (out_pos, out_neg) as
+        (B, T, heads, 2d), or None to take the unfused path. It replaces the sdpa backend only (eager returns attention
+        weights, flash/flex take other mask forms). NETMORPH_SPLIT_KERNEL: "auto" (default) uses it on CUDA when it
+        covers the call; "off" never; "on" always — also on CPU under TRITON_INTERPRET=1 (how the tests drive it) — and
+        raises when it cannot."""
+        mode = os.environ.get("NETMORPH_SPLIT_KERNEL", "auto").strip().lower()
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"NETMORPH_SPLIT_KERNEL={mode!r}: use auto, on or off")
+        if mode == "off" or (mode == "auto" and query_pos.device.type != "cuda"):
+            return None
+        implementation = self.config._attn_implementation
+        allowed = _allowed_keys(attention_mask)
+        if allowed is not None:  # as sdpa does: a mask may cover more key positions than the cache holds
+            allowed = allowed[..., : key_pos.shape[-2]]
+        if implementation != "sdpa":
+            reason = f"attention implementation {implementation!r} (the kernel replaces sdpa)"
+        else:
+            reason = unsupported_reason(query_pos, query_neg, key_pos, key_neg, value, allowed,
+                                        window=self.sliding_window, dropout=call_kwargs["dropout"],
+                                        softcap=call_kwargs.get("softcap"))
+        if reason is not None:
+            if mode == "on":
+                raise ValueError(f"NETMORPH_SPLIT_KERNEL=on, but the fused split-heads kernel cannot run: {reason}")
+            return None
+        # A mask from transformers already holds causality and the window; without one, the layer's own apply.
+        out_pos, out_neg = split_diff_attention(
+            query_pos, query_neg, key_pos, key_neg, value, scale=self.scaling, mask=allowed,
+            causal=self.is_causal and allowed is None, window=self.sliding_window if allowed is None else None,
+        )
+        return out_pos.transpose(1, 2), out_neg.transpose(1, 2)
+
     def _attend(self, attention, query, key, value, attention_mask, call_kwargs):
         if value.shape[-1] == query.shape[-1] or self.config._attn_implementation in _WIDE_VALUE_BACKENDS:
             return attention(self, query, key, value, attention_mask, **call_kwargs)
@@ -440,6 +481,14 @@ def _block_mask_from_tensor(mask: torch.Tensor):
         return padded[b, q_idx, kv_idx]
 
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=mask.device)
+
+
+def _allowed_keys(mask):
+    """The boolean form (True = attend) of the mask sdpa receives: None, bool, or additive float (attend where the
+    mask is above finfo.min / 2, the floor `_finite_rows` gives fully masked rows)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
 
 
 def _check_mask_function(implementation: str, attention_mask) -> None:

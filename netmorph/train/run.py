@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from netmorph.convert import MODELING_FILES
 from netmorph.errors import NetmorphError
 from netmorph.options import DatasetEntry, TrainingYaml
 from netmorph.sources import Source, read_yaml, resolve_source
@@ -153,7 +154,7 @@ def save_model(trainer, source: Source, out: Path) -> None:
     trainer.save_state()  # trainer_state.json: the log history `netmorph plot training` reads
     source.save_tokenizer(out)
     if source.kind == "hf":
-        for name in ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py"):
+        for name in MODELING_FILES:
             if (source.path / name).exists():
                 shutil.copy2(source.path / name, out / name)
 
