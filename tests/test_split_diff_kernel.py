@@ -278,11 +278,16 @@ def test_kernel_on_refuses_what_it_does_not_cover(split_model_dir, monkeypatch):
 
 
 @needs_interpreter
-def test_auto_keeps_the_unfused_path_on_cpu(split_model_dir, monkeypatch):
+@pytest.mark.parametrize("mode", [None, "auto"])
+def test_default_and_auto_keep_the_unfused_path_on_cpu(split_model_dir, monkeypatch, mode):
+    """The default is off until the kernel has run on a GPU; auto uses it on CUDA only."""
     model = load(split_model_dir, "sdpa")
-    monkeypatch.delenv("NETMORPH_SPLIT_KERNEL", raising=False)
+    if mode is None:
+        monkeypatch.delenv("NETMORPH_SPLIT_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("NETMORPH_SPLIT_KERNEL", mode)
     monkeypatch.setattr(split_diff_kernel.SplitDiffAttentionFunction, "apply",
-                        lambda *args: pytest.fail("the kernel ran in auto mode on CPU"))
+                        lambda *args: pytest.fail(f"the kernel ran in mode {mode} on CPU"))
     with torch.no_grad():
         model(random_ids(batch=1, length=4))
 
