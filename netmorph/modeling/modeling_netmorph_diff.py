@@ -237,12 +237,13 @@ class NetmorphDiffAttention(nn.Module):
         for name in _LAYER_ONLY_KWARGS:
             kwargs.pop(name, None)
         query, key, value = self._project(hidden_states, position_embeddings)
-        if self.layout == "doubled":
+        if cache is not None and self.layout == "doubled":
             # Caches (static ones preallocate keys and values with the same head count) hold one key per KV head:
-            # the positive and negative components side by side, (B, G, S, 2d).
+            # the positive and negative components side by side, (B, G, S, 2d). Without a cache (training) the
+            # keys stay (B, 2G, S, d), which saves a copy.
             key = torch.cat(key.chunk(2, dim=1), dim=-1)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, G, S, d or 2d)
+            key, value = cache.update(key, value, self.layer_idx)
 
         if self.config._attn_implementation == "flex_attention" and isinstance(attention_mask, torch.Tensor):
             attention_mask = _block_mask_from_tensor(attention_mask)
@@ -262,7 +263,8 @@ class NetmorphDiffAttention(nn.Module):
                                                   call_kwargs))
         query_pos, query_neg = query.chunk(2, dim=1)
         if self.layout == "doubled":
-            key_pos, key_neg = key.chunk(2, dim=-1)
+            paired = key.shape[-1] == 2 * self.head_dim  # the cache's (B, G, S, 2d) form
+            key_pos, key_neg = key.chunk(2, dim=-1 if paired else 1)
             value_pos = value_neg = value
         else:
             key_pos, key_neg = key.chunk(2, dim=1)
