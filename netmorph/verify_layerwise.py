@@ -19,7 +19,10 @@ agreement at every position instead.
 
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -257,6 +260,26 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+class _Spill:
+    """Tensors kept in an unlinked temporary file and read back on demand: the original model's output of every
+    layer, which in memory would take depth × texts × tokens × hidden × 4 bytes (2.7 GB for a 70B model)."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
+        self._where: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
+
+    def __setitem__(self, key: int, tensor: torch.Tensor) -> None:
+        self._file.seek(0, os.SEEK_END)
+        self._where[key] = (self._file.tell(), tensor.shape, tensor.dtype)
+        self._file.write(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        offset, shape, dtype = self._where[key]
+        self._file.seek(offset)
+        data = bytearray(self._file.read(math.prod(shape) * dtype.itemsize))
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -308,8 +331,8 @@ def compare_layerwise(
     report = LayerwiseReport(tolerance=tolerance, attn_implementation=attn_implementation)
     bar = _progress(2 * len(model_a.layers), progress)
 
-    # The original, with every layer's output kept: the "same input" of the converted model's next layer.
-    outputs_a = {}
+    # The original, with every layer's output kept on disk: the "same input" of the converted model's next layer.
+    outputs_a = _Spill()
 
     def record(index, layer, args, kwargs, output):
         if index == 0:
@@ -329,7 +352,8 @@ def compare_layerwise(
             report.layers.append(LayerComparison("embedding", embedding, embedding))
         same_args, same_kwargs = _with_hidden(args, kwargs, outputs_a[index - 1])
         same = _hidden(layer.forward(*same_args, **same_kwargs))  # .forward: no hooks, the layer stays loaded
-        figures[index] = (_max_abs_diff(outputs_a[index], same, valid), _max_abs_diff(outputs_a[index], output, valid))
+        expected = outputs_a[index]
+        figures[index] = (_max_abs_diff(expected, same, valid), _max_abs_diff(expected, output, valid))
         if bar is not None:
             bar.update(1)
 
