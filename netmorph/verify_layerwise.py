@@ -197,8 +197,9 @@ class LayerByLayer:
         kwargs, output)` sees each decoder layer's call while the layer is loaded."""
         embedding = self.model.get_input_embeddings()
         used, compact_ids = torch.unique(ids, return_inverse=True)
-        weight = self.read(self.tensor_name(embedding, "weight"))
-        embedding.weight = nn.Parameter(weight[used].to(torch.float32), requires_grad=False)  # (used tokens, D)
+        rows = self.read(self.tensor_name(embedding, "weight"))[used].to(torch.float32)  # (used tokens, D)
+        embedding.weight = nn.Parameter(rows, requires_grad=False)  # the whole (vocab, D) table is not kept
+        release_freed_memory()
         hooks = []
         for index, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(self._before_layer))
