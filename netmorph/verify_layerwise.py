@@ -326,6 +326,13 @@ def compare_layerwise(
             f"{original} has {len(model_a.layers)} decoder layers and {converted} {len(model_b.layers)}: "
             "layer-wise verification compares models of the same depth"
         )
+    widths = [model.config.hidden_size for model in models]
+    if widths[0] != widths[1]:
+        raise NetmorphError(
+            f"{original} has hidden size {widths[0]} and {converted} {widths[1]}: layer-wise verification feeds one "
+            "model's hidden states to the other's layers, so it needs equal widths; verify the whole models instead "
+            "(drop --layerwise)"
+        )
     tokenizer = _tokenizer(models)
     ids = [tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens] for text in texts.values()]
     batch, attention_mask, valid = _batch(ids)

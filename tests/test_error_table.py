@@ -495,6 +495,19 @@ def verify_truncated(case):
     return ["verify", case.src, case.out]
 
 
+@row("`verify --layerwise` on a model grown in hidden size",
+     "SRC has hidden size 36 and OUT 72: layer-wise verification feeds one model's hidden states to the other's "
+     "layers, so it needs equal widths; verify the whole models instead (drop --layerwise)")
+def verify_layerwise_wider(case):
+    from tests.helpers import save_char_tokenizer
+
+    save_char_tokenizer(case.src)
+    runner = CliRunner()
+    result = runner.invoke(main, ["grow", str(case.src), "-o", str(case.out), "--hidden-size", "72", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    return ["verify", case.src, case.out, "--layerwise"]
+
+
 @row("`verify` on a `.bin`-only original without `--allow-pickle`",
      "SRC holds only pickle weights (pytorch_model.bin); netmorph never loads pickle by default: convert them to "
      "safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)")
