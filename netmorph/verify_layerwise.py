@@ -153,8 +153,8 @@ class LayerByLayer:
 
     def _load_resident(self) -> None:
         """Everything outside the decoder layers and the two vocabulary matrices: final norm, learned positions."""
-        skip = tuple(self.tensor_name(layer, "") for layer in self.layers)
-        skip += tuple(self.tensor_name(m, "") for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()))
+        vocabulary = (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+        skip = tuple(self.tensor_name(module, "") for module in (*self.layers, *vocabulary))
         state = {key: self.read(key).to(torch.float32) for key in self.model.state_dict()
                  if not key.startswith(skip)}
         self.model.load_state_dict(state, strict=False, assign=True)
