@@ -377,8 +377,9 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
         if options.verify or options.debug:
             result.round_trip_tensors = check_round_trip(reader, tmp, plan)
             log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
-            if plan.stock and plan.source_stock and (fits_in_memory(reader) or source.kind == "hf"):
-                report = verify_logits(source, tmp, plan, options, layerwise=not fits_in_memory(reader))
+            whole = plan.stock and plan.source_stock and fits_in_memory(reader)
+            if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
+                report = verify_logits(source, tmp, plan, options, layerwise=not whole)
                 result.reports.append(report)
                 if not report.passed:  # NaN fails too
                     raise NetmorphError(
