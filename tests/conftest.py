@@ -1,5 +1,6 @@
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -25,6 +26,15 @@ torch.set_num_threads(1)
 # that compile error, and the tests use few shapes.
 torch._dynamo.config.automatic_dynamic_shapes = False
 torch._dynamo.config.cache_size_limit = 64
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+    """A folder shared by one test module's tests, deleted when they are done: modules that keep converted real-model
+    checkpoints (~0.5 GB each) do not pile them up for the rest of the run."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

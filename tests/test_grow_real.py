@@ -59,21 +59,15 @@ def reference(smollm2_dir):
                 pad=tokenizer.eos_token_id)
 
 
-@pytest.fixture(scope="module")
-def grown_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("grown")
-
-
 def grown_dir(smollm2_dir, root, name):
     directory = root / name
-    if not directory.exists():
-        grow(str(smollm2_dir), directory, GrowOptions.build(verify=False, **GROWTHS[name]))
+    grow(str(smollm2_dir), directory, GrowOptions.build(verify=False, **GROWTHS[name]))
     return directory
 
 
 @pytest.mark.parametrize("name", GROWTHS)
-def test_growth_is_exact_on_real_text(smollm2_dir, grown_root, reference, name):
-    directory = grown_dir(smollm2_dir, grown_root, name)
+def test_growth_is_exact_on_real_text(smollm2_dir, tmp_path, reference, name):
+    directory = grown_dir(smollm2_dir, tmp_path, name)
     model = load(directory)
     config = model.config
     for key, value in GROWTHS[name].items():
@@ -92,14 +86,14 @@ def test_growth_is_exact_on_real_text(smollm2_dir, grown_root, reference, name):
     assert torch.equal(greedy, reference["greedy"])
 
 
-def test_new_parameters_train(smollm2_dir, grown_root, reference):
+def test_new_parameters_train(smollm2_dir, tmp_path, reference):
     """Every growth at once; two SGD steps on real text. Step 1: every writer tensor (o_proj, down_proj, embedding:
     they hold the zero side of new paths — new layers' o/down, new MLP down columns, new heads' o columns, new
     embedding columns and writer rows) gets a gradient on its zero entries, so one step changes it. Steps 1–2 together: every element of
     every tensor gets a gradient — no dead parameter anywhere (a zero gate *and* up row, a zero norm gain, or a
     path with two zero factors that stays zero would show here). Entries behind two zeros (e.g. a new head's
     k pad behind its zero o column) start moving at step 2, once the first zero has moved."""
-    model = load(grown_dir(smollm2_dir, grown_root, "all")).train()
+    model = load(grown_dir(smollm2_dir, tmp_path, "all")).train()
     ids = reference["ids"][:, :64]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     zero_at_start = {name: p.detach() == 0 for name, p in model.named_parameters()}

@@ -17,9 +17,8 @@ EXACT_MODES = {"default": {}, "zero-init": {"zero_init": True}, "mirror": {"mirr
 
 
 @pytest.fixture(scope="module")
-def converted_dirs(smollm2_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("converted")
-    return {mode: convert(smollm2_dir, root / mode, **options).output_dir for mode, options in EXACT_MODES.items()}
+def converted_dirs(smollm2_dir, module_tmp_path):
+    return {mode: convert(smollm2_dir, module_tmp_path / mode, **options).output_dir for mode, options in EXACT_MODES.items()}
 
 
 @pytest.fixture(scope="module")
