@@ -21,6 +21,7 @@ from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_t
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_text_files, default_texts, resolve_source
 from netmorph.verify import VerifyReport, card_lines, compare_models
+from netmorph.verify_layerwise import whole_models_fit
 
 log = logging.getLogger("netmorph")
 
@@ -392,11 +393,6 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-# Full verification holds the original and the converted model in fp32 at once; above this share of the
-# available memory the converter verifies layer by layer instead.
-FULL_VERIFY_MEMORY_SHARE = 0.5
-
-
 def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec]) -> bool:
     """Layer-wise when asked, or ("auto") when two fp32 models would not fit comfortably in available memory.
     Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already)."""
@@ -404,11 +400,8 @@ def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: li
         return False
     if options.verify_mode == "layerwise":
         return True
-    import psutil
-
-    elements = sum(reader.describe(name).numel for name in reader.keys()) + sum(tensor.numel for tensor in plan)
-    full_verify_bytes = 4 * elements
-    return full_verify_bytes > FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
+    return not whole_models_fit(sum(reader.describe(name).numel for name in reader.keys()),
+                                sum(tensor.numel for tensor in plan))
 
 
 def verify_conversion(source: Source, directory: Path, options: ConvertOptions, attn_implementation: str = "sdpa",

@@ -36,13 +36,11 @@ from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_byt
 from netmorph.options import QkvLayoutOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
 from netmorph.verify import compare_models
+from netmorph.verify_layerwise import whole_models_fit
 
 log = logging.getLogger("netmorph")
 
 MARKER = "netmorph_qkv_layout"
-# Two fp32 models side by side for the logit comparison: above this share of the available memory it is skipped
-# (the bit-exact round trip is still checked).
-FULL_VERIFY_MEMORY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -298,13 +296,6 @@ def check_round_trip(source_reader: TensorReader, output_dir: Path, plan: Layout
 
 # ── verification, model card, the command ──
 
-def fits_in_memory(reader: TensorReader) -> bool:
-    import psutil
-
-    elements = sum(reader.describe(name).numel for name in reader.keys())
-    return 2 * 4 * elements <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
-
-
 def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions,
                   layerwise: bool = False):
     """Both stock models on real text: whole (logits + greedy generation), or — when two fp32 copies do not fit in
@@ -377,7 +368,8 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
         if options.verify or options.debug:
             result.round_trip_tensors = check_round_trip(reader, tmp, plan)
             log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
-            whole = plan.stock and plan.source_stock and fits_in_memory(reader)
+            elements = sum(reader.describe(name).numel for name in reader.keys())  # a relayout keeps the count
+            whole = plan.stock and plan.source_stock and whole_models_fit(elements, elements)
             if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
                 report = verify_logits(source, tmp, plan, options, layerwise=not whole)
                 result.reports.append(report)

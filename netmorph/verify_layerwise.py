@@ -36,6 +36,19 @@ from netmorph.verify import TextComparison, compare_logits
 
 log = logging.getLogger("netmorph")
 
+# Full verification holds the original and the converted model in fp32 at once; above this share of the memory
+# available now, the converters verify layer by layer instead.
+FULL_VERIFY_MEMORY_SHARE = 0.5
+
+
+def whole_models_fit(original_elements: int, converted_elements: int) -> bool:
+    """Whether fp32 copies of both models fit in FULL_VERIFY_MEMORY_SHARE of the memory available now."""
+    import psutil
+
+    needed = 4 * (original_elements + converted_elements)
+    return needed <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
+
+
 # Rows of the output embedding multiplied at once: bounds the fp32 copy of lm_head (vocab × hidden).
 LM_HEAD_ROWS_PER_CHUNK = 8192
 

@@ -160,12 +160,12 @@ def test_large_configurations_on_meta_device(name, config_class, model_class, va
 
 
 def test_auto_verify_mode_goes_layerwise_when_memory_is_short(tiny_llama, monkeypatch):
-    import netmorph.convert as convert_module
+    from netmorph import verify_layerwise
 
     reader = SafetensorsReader(tiny_llama)
     plan = [reader.describe(name) for name in reader.keys()]
     assert not use_layerwise_verify(reader, ConvertOptions(), plan)
-    monkeypatch.setattr(convert_module, "FULL_VERIFY_MEMORY_SHARE", 1e-12)  # a machine with almost no free memory
+    monkeypatch.setattr(verify_layerwise, "FULL_VERIFY_MEMORY_SHARE", 1e-12)  # a machine with almost no free memory
     assert use_layerwise_verify(reader, ConvertOptions(), plan)
     assert not use_layerwise_verify(reader, ConvertOptions(verify_mode="full"), plan)
     assert use_layerwise_verify(reader, ConvertOptions(verify_mode="layerwise"), plan)
