@@ -37,6 +37,11 @@ def module_tmp_path(request, tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
+# The real-model tests keep up to ~3.5 GB of fp32 SmolLM2 checkpoints under the temp dir at once (measured with
+# `pytest -n 2`); below this much free space they fail at once with the reason instead of one by one with ENOSPC.
+REAL_MODEL_FREE_BYTES = 3 * 2**30
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The bundled SmolLM2-135M-Instruct, dequantized once to a Hugging Face safetensors directory (fp32)."""
@@ -44,8 +49,13 @@ def smollm2_dir(tmp_path_factory):
 
     from transformers import LlamaForCausalLM
 
-    source = resolve_source(None)
     directory = tmp_path_factory.mktemp("smollm2")
+    free = shutil.disk_usage(directory).free
+    if free < REAL_MODEL_FREE_BYTES:
+        pytest.fail(f"{free / 2**30:.1f} GiB free under {directory.parent}; the real-model tests need "
+                    f"{REAL_MODEL_FREE_BYTES / 2**30:.0f} GiB: free space there or set TMPDIR to a larger disk",
+                    pytrace=False)
+    source = resolve_source(None)
     gguf_model = source.load_model()
     config = gguf_model.config
     config.__dict__.pop("quantization_config", None)  # Source.load_model drops it already; older versions kept it
