@@ -400,8 +400,7 @@ def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: li
         return False
     if options.verify_mode == "layerwise":
         return True
-    return not whole_models_fit(sum(reader.describe(name).numel for name in reader.keys()),
-                                sum(tensor.numel for tensor in plan))
+    return not whole_models_fit(reader, sum(tensor.numel for tensor in plan))
 
 
 def verify_conversion(source: Source, directory: Path, options: ConvertOptions, attn_implementation: str = "sdpa",

@@ -368,8 +368,7 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
         if options.verify or options.debug:
             result.round_trip_tensors = check_round_trip(reader, tmp, plan)
             log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
-            elements = sum(reader.describe(name).numel for name in reader.keys())  # a relayout keeps the count
-            whole = plan.stock and plan.source_stock and whole_models_fit(elements, elements)
+            whole = plan.stock and plan.source_stock and whole_models_fit(reader)
             if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
                 report = verify_logits(source, tmp, plan, options, layerwise=not whole)
                 result.reports.append(report)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from netmorph.errors import NetmorphError
-from netmorph.io.reader import SafetensorsReader
+from netmorph.io.reader import SafetensorsReader, TensorReader
 from netmorph.io.streaming import release_freed_memory
 from netmorph.verify import TextComparison, compare_logits
 
@@ -41,11 +41,13 @@ log = logging.getLogger("netmorph")
 FULL_VERIFY_MEMORY_SHARE = 0.5
 
 
-def whole_models_fit(original_elements: int, converted_elements: int) -> bool:
-    """Whether fp32 copies of both models fit in FULL_VERIFY_MEMORY_SHARE of the memory available now."""
+def whole_models_fit(original: TensorReader, converted_elements: int | None = None) -> bool:
+    """Whether fp32 copies of both models fit in FULL_VERIFY_MEMORY_SHARE of the memory available now; the converted
+    model's element count defaults to the original's (a relayout)."""
     import psutil
 
-    needed = 4 * (original_elements + converted_elements)
+    original_elements = sum(original.describe(name).numel for name in original.keys())
+    needed = 4 * (original_elements + (original_elements if converted_elements is None else converted_elements))
     return needed <= FULL_VERIFY_MEMORY_SHARE * psutil.virtual_memory().available
 
 

@@ -168,7 +168,7 @@ def test_verified_layer_by_layer_when_two_copies_do_not_fit(tmp_path, monkeypatc
     from netmorph.verify_layerwise import LayerwiseReport
 
     source = save_char_tokenizer(save_tiny_model(tmp_path / "src", "llama", attention_bias=False, head_dim=4))
-    monkeypatch.setattr(command, "whole_models_fit", lambda original, converted: False)
+    monkeypatch.setattr(command, "whole_models_fit", lambda reader: False)
     result = command.convert_qkv_layout(str(source), tmp_path / "phi3", command.QkvLayoutOptions.build(to="sequential"))
     [report] = result.reports
     assert isinstance(report, LayerwiseReport) and report.passed
