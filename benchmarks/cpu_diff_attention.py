@@ -25,7 +25,7 @@ import transformers  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
-from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from netmorph.options import ConvertOptions  # noqa: E402
 from netmorph.sources import default_texts, resolve_source  # noqa: E402
 
@@ -59,7 +59,7 @@ def main():
         models = {"original": original}
         for variant in ("v1", "v2"):
             convert_diff_transformer(None, Path(tmp) / variant, ConvertOptions(verify=False, variant=variant))
-            models[variant] = NetmorphDiffForCausalLM.from_pretrained(Path(tmp) / variant, dtype=torch.float32,
+            models[variant] = AutoModelForCausalLM.from_pretrained(Path(tmp) / variant, dtype=torch.float32,
                                                                       attn_implementation="sdpa")
     ids = tokenizer(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, : args.tokens]
     prompt = tokenizer("The quick brown fox", return_tensors="pt").input_ids

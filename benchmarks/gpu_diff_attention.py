@@ -35,7 +35,7 @@ from benchmarks_md import write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
-from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from netmorph.modeling.split_diff_kernel import split_diff_attention, unsupported_reason  # noqa: E402
 from netmorph.options import ConvertOptions  # noqa: E402
 
@@ -77,7 +77,7 @@ def build_models(shape: dict, root: Path, device: str, dtype: torch.dtype) -> di
     for name, options in VARIANTS.items():
         out = root / name.replace(" ", "-")
         convert_diff_transformer(str(root / "llama"), out, ConvertOptions(verify=False, progress=False, **options))
-        models[name] = NetmorphDiffForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="sdpa")
+        models[name] = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, attn_implementation="sdpa")
     return {name: model.to(device) for name, model in models.items()}
 
 

@@ -15,7 +15,6 @@ from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
 from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
-from netmorph.modeling.configuration_netmorph_diff import NetmorphDiffConfig
 from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
@@ -27,16 +26,8 @@ log = logging.getLogger("netmorph")
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py", "split_diff_kernel.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_netmorph_diff.NetmorphDiffConfig",
-    "AutoModel": "modeling_netmorph_diff.NetmorphDiffModel",
-    "AutoModelForCausalLM": "modeling_netmorph_diff.NetmorphDiffForCausalLM",
-}
 AXOLOTL_PLUGIN = "netmorph.integrations.axolotl.DifferentialTransformerPlugin"
 ATTENTION_TENSORS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Families converted to netmorph's own Llama-style model (model_type "netmorph_diff"); every other family keeps its
-# stock transformers model with differential attention modules (model_type "netmorph_diff_<family>").
-LLAMA_STYLE = ("llama", "mistral", "qwen2")
 # The attention roles of a family spec whose tensors the conversion rewrites; every other tensor passes through.
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 # Source config entries that describe the file rather than the model: the converted config sets its own.
@@ -71,7 +62,7 @@ LAMBDA_V2 = ("Differential head j = out[2j] − λ·out[2j + 1] with λ = sigmoi
 @dataclass
 class ConversionResult:
     output_dir: Path
-    config: NetmorphDiffConfig
+    config: object  # the converted model's config (NetmorphDiff<Family>Config)
     reports: list[VerifyReport] = field(default_factory=list)
 
 
@@ -97,30 +88,24 @@ def check_convertible(config, spec: ArchSpec, options: ConvertOptions) -> None:
 
 
 def target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype: torch.dtype):
-    """The converted model's config: `NetmorphDiffConfig` for the Llama-style families, the family's own config
-    class under model_type "netmorph_diff_<family>" for the others."""
+    """The converted model's config: the family's stock config class under model_type "netmorph_diff_<family>"
+    (`NetmorphDiff<Family>Config`), every source field kept, plus the differential fields and `diff_attention`."""
+    from netmorph.modeling.modeling_netmorph_diff import family_model_class
+
     check_convertible(source_config, spec, options)
-    if spec.model_type not in LLAMA_STYLE:
-        return family_target_config(source_config, spec, options, dtype)
-    c = source_config
-    _, num_kv, _ = head_counts(c, spec)
-    layer_types = spec.layer_types(c)
-    return NetmorphDiffConfig(
-        **llama_fields(c, spec),
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=num_kv,
-        attention_dropout=getattr(c, "attention_dropout", 0.0),
-        mlp_bias=bool(getattr(c, "mlp_bias", False)),
-        qkv_bias=spec.bias(c, "qkv"),
-        o_bias=spec.bias(c, "o"),
-        sliding_window=getattr(c, "sliding_window", None) if "sliding_attention" in layer_types else None,
-        layer_types=layer_types,
+    model_class = family_model_class(spec.model_type)
+    config_class = model_class.config_class
+    values = {k: v for k, v in source_config.to_dict().items() if k not in FILE_CONFIG_KEYS}
+    return config_class(
+        **values,
         diff_layout=options.diff_layout,
         sublayer_norm=options.sublayer_norm,
         lambda_std=options.lambda_std,
-        source_model_type=c.model_type,
-        architectures=["NetmorphDiffForCausalLM"],
-        auto_map=AUTO_MAP,
+        source_model_type=spec.model_type,
+        diff_attention=attention_features(source_config, spec),
+        architectures=[model_class.__name__],
+        auto_map={"AutoConfig": f"configuration_netmorph_diff.{config_class.__name__}",
+                  "AutoModelForCausalLM": f"modeling_netmorph_diff.{model_class.__name__}"},
         dtype=str(dtype).removeprefix("torch."),
     )
 
@@ -171,32 +156,10 @@ def attention_features(config, spec: ArchSpec) -> dict:
     }
 
 
-def family_target_config(source_config, spec: ArchSpec, options: ConvertOptions, dtype: torch.dtype):
-    from netmorph.modeling.modeling_netmorph_diff import FAMILY_MODELS
-
-    model_class = FAMILY_MODELS[spec.model_type]
-    config_class = model_class.config_class
-    values = {k: v for k, v in source_config.to_dict().items() if k not in FILE_CONFIG_KEYS}
-    return config_class(
-        **values,
-        diff_layout=options.diff_layout,
-        sublayer_norm=options.sublayer_norm,
-        lambda_std=options.lambda_std,
-        source_model_type=spec.model_type,
-        diff_attention=attention_features(source_config, spec),
-        architectures=[model_class.__name__],
-        auto_map={"AutoConfig": f"configuration_netmorph_diff.{config_class.__name__}",
-                  "AutoModelForCausalLM": f"modeling_netmorph_diff.{model_class.__name__}"},
-        dtype=str(dtype).removeprefix("torch."),
-    )
-
-
 def converted_shapes(config) -> tuple[int, int, int, int]:
-    """(H, G, d, hidden) of a converted config of either kind."""
-    data = getattr(config, "diff_attention", None)
-    if data:
-        return data["num_heads"], data["num_key_value_heads"], data["head_dim"], config.hidden_size
-    return config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+    """(H, G, d, hidden) of a converted config (from its `diff_attention` features)."""
+    data = config.diff_attention
+    return data["num_heads"], data["num_key_value_heads"], data["head_dim"], config.hidden_size
 
 
 def _expected_shape(name: str, config) -> tuple[int, ...]:
@@ -207,7 +170,7 @@ def _expected_shape(name: str, config) -> tuple[int, ...]:
 
 def convert_tensors(
     reader: TensorReader,
-    config: NetmorphDiffConfig,
+    config,
     spec: ArchSpec,
     recipe: DiffAttentionRecipe,
     writer,
@@ -411,9 +374,9 @@ def verify_conversion(source: Source, directory: Path, options: ConvertOptions, 
         return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
                                  attn_implementation=attn_implementation,
                                  trust_remote_code=options.trust_remote_code, progress=options.progress)
-    from netmorph.modeling.modeling_netmorph_diff import FAMILY_MODELS, NetmorphDiffForCausalLM
+    from netmorph.modeling.modeling_netmorph_diff import family_model_class
 
-    model_class = FAMILY_MODELS.get(source.config.model_type, NetmorphDiffForCausalLM)
+    model_class = family_model_class(source.config.model_type)
     converted = model_class.from_pretrained(
         str(directory), dtype=torch.float32, attn_implementation=attn_implementation
     ).eval()

@@ -67,7 +67,7 @@ def test_yaml_source_writes_training_config(tmp_path, tiny_llama):
     assert written["learning_rate"] == 0.0003 and written["diff_attn_warmup_steps"] == 100
     assert written["output_dir"] == str(tmp_path / "runs")
     saved = json.loads((out / "config.json").read_text())
-    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_netmorph_diff.NetmorphDiffForCausalLM"
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_netmorph_diff.NetmorphDiffLlamaForCausalLM"
     assert (out / "modeling_netmorph_diff.py").exists() and (out / "configuration_netmorph_diff.py").exists()
 
 

@@ -16,7 +16,7 @@ from netmorph.convert import convert_tensors, recipe_from, target_config, use_la
 from netmorph.io.reader import MetaReader, SafetensorsReader, StateDictReader, TensorSpec
 from netmorph.io.streaming import StreamingWriter, plan_output
 from netmorph.io.writer import ShardedWriter
-from netmorph.modeling.modeling_netmorph_diff import NetmorphDiffForCausalLM
+from netmorph.modeling.modeling_netmorph_diff import family_model_class
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import default_texts, resolve_source
 from netmorph.verify import compare_models, load_pair
@@ -148,13 +148,14 @@ def test_large_configurations_on_meta_device(name, config_class, model_class, va
     plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe_from(options),
                                                         recorder, options.seed))
     with torch.device("meta"):
-        expected = NetmorphDiffForCausalLM(config).to(torch.bfloat16).state_dict()
+        expected = family_model_class(spec.model_type)(config).to(torch.bfloat16).state_dict()
     assert {s.name: (s.shape, s.dtype) for s in plan} == {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
     source_params = sum(t.numel() for t in source_model.state_dict().values())
     added = sum(s.numel for s in plan) - source_params
-    qk_rows = config.num_attention_heads + config.num_key_value_heads
-    new_qk_rows = qk_rows * config.head_dim if layout == "doubled" else 0  # the negative q/k rows (and biases)
-    per_layer = new_qk_rows * (config.hidden_size + config.qkv_bias) + 4 * config.head_dim  # + λ vectors
+    features = config.diff_attention
+    qk_rows = features["num_heads"] + features["num_key_value_heads"]
+    new_qk_rows = qk_rows * features["head_dim"] if layout == "doubled" else 0  # the negative q/k rows (and biases)
+    per_layer = new_qk_rows * (config.hidden_size + features["qkv_bias"]) + 4 * features["head_dim"]  # + λ vectors
     assert added == config.num_hidden_layers * (per_layer + 2)  # + λ_init and mix scalars
     assert psutil.Process().memory_info().rss - rss_before < 200 * 2**20, f"{name}: memory was allocated"
 

@@ -22,7 +22,7 @@ def test_exact_modes_match_original(tmp_path, family, mode, tied):
     ids = random_ids(length=30)  # longer than the sliding window (7) of mistral/qwen2
     for backend in ("eager", "sdpa"):
         original, converted = load(source, backend), load(tmp_path / "out", backend)
-        assert converted.config.model_type == "netmorph_diff"
+        assert converted.config.model_type == f"netmorph_diff_{family}"
         assert max_logit_diff(original, converted, ids) <= 1e-5, (family, mode, backend)
 
 

@@ -2,7 +2,7 @@
 
 Self-contained (imports only torch and transformers): netmorph copies this file and its configuration next to every
 converted checkpoint, with `auto_map` in config.json, so `AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)` works on a machine without netmorph.
+trust_remote_code=True)` works on a machine without netmorph — with the transformers release that machine has.
 
 Per differential head:  out = (softmax(Q1 K1ᵀ·s) − λ · softmax(Q2 K2ᵀ·s)) · V
 with                    λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init)
@@ -10,17 +10,26 @@ with                    λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_in
 `mix` and `lambda_init` are persistent buffers, so a checkpoint saved during a λ warm-up reloads with the same λ.
 A freshly converted checkpoint has mix = 0, where the layer computes exactly the original attention.
 
-Two kinds of model share one attention module, `NetmorphDiffAttention`:
+Every family (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, Falcon, GPT-2, OLMo2) keeps its stock
+transformers model — embeddings, norms, MLPs, residual wiring, positions, masks, KV cache and generation unchanged —
+as `NetmorphDiff<Stock class>` (model_type "netmorph_diff_<family>"), with each layer's attention module replaced by
+`NetmorphDiffAttention`. What differs between families inside attention is data (`AttentionFeatures`, written by the
+converter into `config.diff_attention`): biases, q/k norms, scaling, logit soft-capping, sliding windows. Fused q/k/v
+projections (Phi-3, GPT-NeoX, Falcon, GPT-2's Conv1D) are stored unfused (q_proj / k_proj / v_proj / o_proj,
+nn.Linear layout) so every family has one differential layout.
 
-- `NetmorphDiffForCausalLM` (model_type "netmorph_diff"): a self-contained Llama-style decoder for the Llama
-  family (Llama, Mistral, Qwen2), with netmorph's own mask handling (see `NetmorphDiffModel.forward`).
-- `NetmorphDiff<Family>ForCausalLM` (model_type "netmorph_diff_<family>"): the stock transformers model of the
-  family (Qwen3, Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, Falcon, GPT-2, OLMo2) — its embeddings, norms, MLPs,
-  residual wiring, positions and masks unchanged — with each layer's attention module replaced by
-  `NetmorphDiffAttention`. What differs between families inside attention is data (`AttentionFeatures`, written
-  by the converter into `config.diff_attention`): biases, q/k norms, scaling, logit soft-capping, sliding windows.
-  Fused q/k/v projections (Phi-3, GPT-NeoX, Falcon, GPT-2's Conv1D) are stored unfused (q_proj / k_proj / v_proj /
-  o_proj, nn.Linear layout) so every family has one differential layout.
+What this file touches of transformers, and so what a transformers release could break (tests/test_compat.py runs
+the declared floor and the newest release on every change):
+- the stock `<Family>ForCausalLM` and `<Family>Config` classes by name, the attribute paths of their decoder layers
+  and attention modules (stored in config.json: `diff_attention["layers"]`, `["attention"]`), `_init_weights` and
+  `transformers.initialization` for models created from scratch;
+- the arguments a stock decoder layer passes to its attention: hidden states, `position_embeddings` (RoPE families),
+  `attention_mask`, and the KV cache under one of CACHE_ARGUMENTS (transformers 5.24 renamed `past_key_values` to
+  `cache`; GPT-NeoX and Falcon say `layer_past`); an unknown cache-like argument raises instead of being dropped;
+- `Cache.update(key, value, layer_idx)` (and GPT-2's `EncoderDecoderCache.self_attention_cache`);
+- `ALL_ATTENTION_FUNCTIONS.get_interface(name, default)` and the attention functions' call
+  `(module, query, key, value, mask, dropout=, scaling=, sliding_window=, softcap=, **kwargs)`;
+  `ALL_MASK_ATTENTION_FUNCTIONS` (which backends get a mask); `config._attn_implementation`.
 
 Notation in shape comments: B batch, T query length, S key length, H query heads of the source model, G its KV heads,
 d head_dim.
@@ -35,37 +44,23 @@ import torch
 import transformers
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-)
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_netmorph_diff import (
-    NetmorphDiffConfig,
-    NetmorphDiffFalconConfig,
-    NetmorphDiffGemma2Config,
-    NetmorphDiffGemma3TextConfig,
-    NetmorphDiffGemmaConfig,
-    NetmorphDiffGPT2Config,
-    NetmorphDiffGPTNeoXConfig,
-    NetmorphDiffOlmo2Config,
-    NetmorphDiffPhi3Config,
-    NetmorphDiffQwen3Config,
-    NetmorphDiffStableLmConfig,
-)
+from .configuration_netmorph_diff import family_config_class
 from .split_diff_kernel import split_diff_attention, unsupported_reason
 
 # Backends that accept a value head dim different from the q/k head dim in a single call.
 _WIDE_VALUE_BACKENDS = ("eager", "sdpa")
+# Every name transformers 5.x has passed the KV cache under to an attention module: `past_key_values` (5.0–5.23),
+# `cache` (5.24 on), `layer_past` (GPT-NeoX and Falcon decoder layers).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")
+# Arguments whose names look cache-like but are not a cache (`cache_position`: the static cache's write positions
+# before transformers 5.17 removed it; the cache computes them itself since).
+_NOT_A_CACHE = ("use_cache", "cache_position")
 # Keyword arguments some stock decoder layers pass to their attention that attention functions do not take.
-_LAYER_ONLY_KWARGS = ("use_cache", "output_attentions", "alibi", "encoder_hidden_states", "encoder_attention_mask")
+_LAYER_ONLY_KWARGS = ("use_cache", "output_attentions", "alibi", "encoder_hidden_states", "encoder_attention_mask",
+                      "cache_position")
 
 
 def paper_lambda_init(layer_idx: int) -> float:
@@ -90,6 +85,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight over the last dim, computed in fp32 (as Llama's RMSNorm)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """Explicit attention: (B, heads, T, d) query against (B, G, S, d) key/value → (B, T, heads, value_dim).
     `softcap` is Gemma2's logit soft-capping (scores → c·tanh(scores / c) before the mask)."""
@@ -105,6 +115,33 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def _looks_like_cache(value) -> bool:
+    return hasattr(value, "update") and hasattr(value, "get_seq_length")
+
+
+def take_cache(kwargs: dict):
+    """Remove the KV cache from an attention module's keyword arguments, under whichever of CACHE_ARGUMENTS the
+    caller used, and return it (None when there is none). GPT-2 may wrap it in an EncoderDecoderCache.
+
+    Raises TypeError when two different caches are given, or when an argument not in CACHE_ARGUMENTS carries a cache
+    or has a cache-like name (a transformers release that renamed the argument again): running on without the cache
+    would decode every step without the past — wrong text and no error."""
+    given = [kwargs.pop(name) for name in CACHE_ARGUMENTS if name in kwargs]
+    caches = [cache for cache in given if cache is not None]
+    if any(cache is not caches[0] for cache in caches[1:]):
+        raise TypeError(f"NetmorphDiffAttention got two different KV caches (under {', '.join(CACHE_ARGUMENTS)})")
+    for name, value in kwargs.items():
+        cache_like_name = ("cache" in name or "past" in name) and name not in _NOT_A_CACHE
+        if value is not None and (_looks_like_cache(value) or cache_like_name):
+            raise TypeError(
+                f"NetmorphDiffAttention got an unknown cache argument {name!r} (this modeling file knows "
+                f"{', '.join(CACHE_ARGUMENTS)}): the installed transformers {transformers.__version__} is newer than "
+                "this checkpoint's modeling code; copy the modeling files of a current netmorph into the checkpoint"
+            )
+    cache = caches[0] if caches else None
+    return getattr(cache, "self_attention_cache", cache)
 
 
 @dataclass(frozen=True)
@@ -136,22 +173,15 @@ class AttentionFeatures:
 
     @classmethod
     def of_layer(cls, config, layer_idx: int) -> "AttentionFeatures":
-        data = getattr(config, "diff_attention", None)
-        if data:  # a family model: the converter wrote the features, per layer where they vary
-            return cls(
-                num_heads=data["num_heads"], num_key_value_heads=data["num_key_value_heads"],
-                head_dim=data["head_dim"], qkv_bias=data["qkv_bias"], o_bias=data["o_bias"],
-                scaling=data["scaling"][layer_idx], norm_eps=data["norm_eps"],
-                sliding_window=data["sliding_windows"][layer_idx], softcap=data.get("softcap"),
-                qk_norm=data.get("qk_norm", "none"), attention_dropout=data.get("attention_dropout", 0.0),
-                output_dropout=data.get("output_dropout", 0.0), is_causal=data.get("is_causal", True),
-            )
-        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        """The features of layer `layer_idx` from `config.diff_attention` (written by the converter)."""
+        data = config.diff_attention
         return cls(
-            num_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, qkv_bias=config.qkv_bias, o_bias=config.o_bias,
-            scaling=config.head_dim**-0.5, norm_eps=config.rms_norm_eps,
-            sliding_window=config.sliding_window if sliding else None, attention_dropout=config.attention_dropout,
+            num_heads=data["num_heads"], num_key_value_heads=data["num_key_value_heads"],
+            head_dim=data["head_dim"], qkv_bias=data["qkv_bias"], o_bias=data["o_bias"],
+            scaling=data["scaling"][layer_idx], norm_eps=data["norm_eps"],
+            sliding_window=data["sliding_windows"][layer_idx], softcap=data.get("softcap"),
+            qk_norm=data.get("qk_norm", "none"), attention_dropout=data.get("attention_dropout", 0.0),
+            output_dropout=data.get("output_dropout", 0.0), is_causal=data.get("is_causal", True),
         )
 
 
@@ -214,7 +244,7 @@ class NetmorphDiffAttention(nn.Module):
         self.register_buffer("mix", torch.tensor(1.0), persistent=True)
 
         value_dim = d if self.layout == "doubled" else 2 * d
-        self.subln = LlamaRMSNorm(value_dim, eps=features.norm_eps) if config.sublayer_norm else None
+        self.subln = RMSNorm(value_dim, eps=features.norm_eps) if config.sublayer_norm else None
 
     def lambda_full(self) -> torch.Tensor:
         """The effective λ (fp32 scalar), mix included."""
@@ -227,15 +257,14 @@ class NetmorphDiffAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        layer_past: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # GPT-NeoX and Falcon layers pass the cache as `layer_past`; GPT-2 may wrap it in an EncoderDecoderCache.
-        cache = past_key_values if past_key_values is not None else layer_past
-        cache = getattr(cache, "self_attention_cache", cache)
+        """hidden_states (B, T, hidden) → (output (B, T, hidden), attention weights or None). The KV cache comes under
+        any of CACHE_ARGUMENTS (see `take_cache`); the other keyword arguments go to the attention function."""
+        cache = take_cache(kwargs)
         for name in _LAYER_ONLY_KWARGS:
             kwargs.pop(name, None)
+        attention_mask = _finite_rows(attention_mask)
         query, key, value = self._project(hidden_states, position_embeddings)
         if cache is not None and self.layout == "doubled":
             # Caches (static ones preallocate keys and values with the same head count) hold one key per KV head:
@@ -412,51 +441,6 @@ class NetmorphDiffAttention(nn.Module):
         return torch.cat([out for out, _ in halves], dim=-1), None
 
 
-class NetmorphDiffDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: NetmorphDiffConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = NetmorphDiffAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class NetmorphDiffPreTrainedModel(PreTrainedModel):
-    config_class = NetmorphDiffConfig
-    config: NetmorphDiffConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["NetmorphDiffDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        _init_differential(module, self.config.lambda_std)
-
 
 def _init_differential(module: nn.Module, lambda_std: float) -> None:
     """A model created from scratch (not converted): λ vectors N(0, lambda_std), the paper's λ_init, mix 1."""
@@ -494,19 +478,6 @@ def _allowed_keys(mask):
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def _check_mask_function(implementation: str, attention_mask) -> None:
-    """transformers builds no mask at all for an attention function registered without a mask function: padding and
-    custom masks would be silently ignored. Refuse instead of computing something else."""
-    if implementation in ALL_MASK_ATTENTION_FUNCTIONS or attention_mask is None:
-        return
-    if attention_mask.ndim == 2 and bool(attention_mask.all()):
-        return  # no padding: nothing to lose (the kernel applies causality itself)
-    raise ValueError(
-        f"attention implementation {implementation!r} has no mask function, so transformers would drop the attention "
-        "mask: register one with transformers.AttentionMaskInterface.register(name, fn) or use sdpa/eager/flex_attention"
-    )
-
-
 def _finite_rows(mask):
     """An additive float mask whose query row is masked everywhere (the padding positions of a left-padded batch, or an
     fp32 mask cast to fp16/bf16 where finfo.min overflows to −inf) gives softmax(−inf, …) = NaN, and the NaN spreads
@@ -520,129 +491,92 @@ def _finite_rows(mask):
     return mask.masked_fill(fully_masked, floor)
 
 
-class NetmorphDiffModel(NetmorphDiffPreTrainedModel):
-    def __init__(self, config: NetmorphDiffConfig):
-        super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [NetmorphDiffDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
-
-        # `generate` may pass the masks already built, one per layer type.
-        if not isinstance(mask_by_layer_type := attention_mask, dict):
-            _check_mask_function(self.config._attn_implementation, attention_mask)
-            mask_kwargs = dict(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                # An empty cache gives the same mask sizes as none, and without it transformers detects documents
-                # packed via position_ids (it skips that detection whenever a cache object exists).
-                past_key_values=past_key_values if past_seen > 0 else None,
-                position_ids=position_ids,
-            )
-            mask_by_layer_type = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if "sliding_attention" in self.config.layer_types:
-                mask_by_layer_type["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        mask_by_layer_type = {kind: _finite_rows(mask) for kind, mask in mask_by_layer_type.items()}
-
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer, layer_type in zip(self.layers, self.config.layer_types):
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask_by_layer_type[layer_type],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
-        )
+def _check_mask_function(implementation: str, attention_mask) -> None:
+    """transformers builds no mask at all for an attention function registered without a mask function: padding and
+    custom masks would be silently ignored. Refuse instead of computing something else."""
+    if implementation in ALL_MASK_ATTENTION_FUNCTIONS or not isinstance(attention_mask, torch.Tensor):
+        return
+    if attention_mask.ndim == 2 and bool(attention_mask.all()):
+        return  # no padding: nothing to lose (the kernel applies causality itself)
+    raise ValueError(
+        f"attention implementation {implementation!r} has no mask function, so transformers would drop the attention "
+        "mask: register one with transformers.AttentionMaskInterface.register(name, fn) or use sdpa/eager/flex_attention"
+    )
 
 
-class NetmorphDiffForCausalLM(NetmorphDiffPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+def _has_packed_documents(position_ids: torch.Tensor) -> bool:
+    """Several documents packed in one row: the positions restart (a step other than +1) somewhere."""
+    return position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
 
-    def __init__(self, config: NetmorphDiffConfig):
-        super().__init__(config)
-        self.model = NetmorphDiffModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+def _model_inputs_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the stock decoder model (the module that holds the layers).
+
+    - Refuses an attention backend without a mask function when the batch is padded (`_check_mask_function`).
+    - Packed documents (position_ids restarting inside a row, no attention mask): transformers separates them in the
+      mask only when the forward has no cache object, but a stock model creates an empty one whenever `use_cache` is
+      on (its config default), so a training forward would let documents attend to each other. With no cache passed
+      in, nothing is lost by not creating one: the forward runs with use_cache=False and the mask separates them."""
+    _check_mask_function(module.config._attn_implementation, kwargs.get("attention_mask"))
+    position_ids = kwargs.get("position_ids")
+    if (
+        isinstance(position_ids, torch.Tensor)
+        and kwargs.get("attention_mask") is None
+        and all(kwargs.get(name) is None for name in CACHE_ARGUMENTS)
+        and not torch.compiler.is_compiling()
+        and _has_packed_documents(position_ids)
+    ):
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def install_differential_attention(model: nn.Module, config) -> None:
     """Replace the attention module of every decoder layer of a stock family model by `NetmorphDiffAttention`.
     `config.diff_attention["layers"]` is the path of the layer list ("gpt_neox.layers"), `["attention"]` the
     attention's attribute in a layer ("attention"), `["qk_norms"]` the attribute names of the family's q and k norm
-    modules, which move into the differential attention unchanged."""
+    modules, which move into the differential attention unchanged.
+
+    Raises ValueError naming the path when the stock model has no such module (a transformers release that renamed it)."""
     data = config.diff_attention
-    for layer_idx, layer in enumerate(model.get_submodule(data["layers"])):
+    try:
+        layers = model.get_submodule(data["layers"])
+    except AttributeError:
+        raise ValueError(
+            f"the stock {type(model).__mro__[1].__name__} of transformers {transformers.__version__} has no module "
+            f"{data['layers']!r}, where this checkpoint's decoder layers live"
+        ) from None
+    for layer_idx, layer in enumerate(layers):
         stock = getattr(layer, data["attention"])
         qk_norms = {name: getattr(stock, name) for name in data.get("qk_norms", ())}
         setattr(layer, data["attention"], NetmorphDiffAttention(config, layer_idx, qk_norms))
+    decoder = model.get_submodule(data["layers"].rpartition(".")[0])
+    decoder.register_forward_pre_hook(_model_inputs_hook, with_kwargs=True)
 
 
-def family_model_class(config_class: type, stock_class: type) -> type:
+# family → the stock causal-LM class name in transformers
+FAMILY_MODELS = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+    "stablelm": "StableLmForCausalLM", "falcon": "FalconForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "olmo2": "Olmo2ForCausalLM",
+}
+_BUILT: dict[str, type] = {}
+
+
+def model_class_name(family: str) -> str:
+    """"NetmorphDiff" + the family's stock causal-LM class name (KeyError for an unknown family)."""
+    return "NetmorphDiff" + FAMILY_MODELS[family]
+
+
+def family_model_class(family: str) -> type:
     """`NetmorphDiff<Family>ForCausalLM`: the stock causal-LM class of a family, its attention differential.
-    Everything outside attention — and so every tensor name outside attention — is the stock model's."""
+    Everything outside attention — and so every tensor name outside attention — is the stock model's. Built on first
+    use, so a checkpoint imports only its own family's modeling code. Raises KeyError for an unknown family."""
+    name = model_class_name(family)
+    if name in _BUILT:
+        return _BUILT[name]
+    stock_class = getattr(transformers, FAMILY_MODELS[family])
 
     def __init__(self, config):
         stock_class.__init__(self, config)
@@ -653,32 +587,18 @@ def family_model_class(config_class: type, stock_class: type) -> type:
         stock_class._init_weights(self, module)
         _init_differential(module, self.config.lambda_std)
 
-    name = f"NetmorphDiff{stock_class.__name__}"
-    return type(name, (stock_class,), {"__init__": __init__, "_init_weights": _init_weights,
-                                       "config_class": config_class, "__module__": __name__, "__qualname__": name})
+    _BUILT[name] = type(name, (stock_class,), {
+        "__init__": __init__, "_init_weights": _init_weights, "config_class": family_config_class(family),
+        "__module__": __name__, "__qualname__": name,
+    })
+    return _BUILT[name]
 
 
-NetmorphDiffQwen3ForCausalLM = family_model_class(NetmorphDiffQwen3Config, transformers.Qwen3ForCausalLM)
-NetmorphDiffGemmaForCausalLM = family_model_class(NetmorphDiffGemmaConfig, transformers.GemmaForCausalLM)
-NetmorphDiffGemma2ForCausalLM = family_model_class(NetmorphDiffGemma2Config, transformers.Gemma2ForCausalLM)
-NetmorphDiffGemma3ForCausalLM = family_model_class(NetmorphDiffGemma3TextConfig, transformers.Gemma3ForCausalLM)
-NetmorphDiffPhi3ForCausalLM = family_model_class(NetmorphDiffPhi3Config, transformers.Phi3ForCausalLM)
-NetmorphDiffGPTNeoXForCausalLM = family_model_class(NetmorphDiffGPTNeoXConfig, transformers.GPTNeoXForCausalLM)
-NetmorphDiffStableLmForCausalLM = family_model_class(NetmorphDiffStableLmConfig, transformers.StableLmForCausalLM)
-NetmorphDiffFalconForCausalLM = family_model_class(NetmorphDiffFalconConfig, transformers.FalconForCausalLM)
-NetmorphDiffGPT2LMHeadModel = family_model_class(NetmorphDiffGPT2Config, transformers.GPT2LMHeadModel)
-NetmorphDiffOlmo2ForCausalLM = family_model_class(NetmorphDiffOlmo2Config, transformers.Olmo2ForCausalLM)
+def __getattr__(name: str):
+    for family in FAMILY_MODELS:
+        if model_class_name(family) == name:
+            return family_model_class(family)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# source model_type → the converted model's class
-FAMILY_MODELS = {
-    cls.config_class.source_family: cls
-    for cls in (
-        NetmorphDiffQwen3ForCausalLM, NetmorphDiffGemmaForCausalLM, NetmorphDiffGemma2ForCausalLM,
-        NetmorphDiffGemma3ForCausalLM, NetmorphDiffPhi3ForCausalLM, NetmorphDiffGPTNeoXForCausalLM,
-        NetmorphDiffStableLmForCausalLM, NetmorphDiffFalconForCausalLM, NetmorphDiffGPT2LMHeadModel,
-        NetmorphDiffOlmo2ForCausalLM,
-    )
-}
 
-__all__ = ["NetmorphDiffForCausalLM", "NetmorphDiffModel", "NetmorphDiffPreTrainedModel", "FAMILY_MODELS",
-           *(cls.__name__ for cls in FAMILY_MODELS.values())]
+__all__ = ["NetmorphDiffAttention", "FAMILY_MODELS", "family_model_class", *map(model_class_name, FAMILY_MODELS)]
