@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from netmorph.errors import NetmorphError
+from netmorph.errors import NetmorphError, VerificationFailed
 from netmorph.options import ConvertOptions, GrowOptions, QkvLayoutOptions, click_options
 
 
@@ -16,6 +16,12 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except VerificationFailed as e:  # an exact mode's proof failed: the reports, then FAILED as the last line
+            click.echo(f"wrote {e.result.output_dir} (verification FAILED: see its README.md)")
+            for report in e.result.reports:
+                click.echo(report.table())
+            click.echo(f"FAILED: {e}")
+            sys.exit(1)
         except NetmorphError as e:
             _fail(str(e))
         except click.UsageError as e:

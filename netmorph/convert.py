@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.errors import NetmorphError
+from netmorph.errors import NetmorphError, VerificationFailed
 from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
 from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
@@ -19,7 +19,7 @@ from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_text_files, default_texts, resolve_source
-from netmorph.verify import VerifyReport, card_lines, compare_models
+from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, compare_models, failure
 from netmorph.verify_layerwise import whole_models_fit
 
 log = logging.getLogger("netmorph")
@@ -156,14 +156,9 @@ def attention_features(config, spec: ArchSpec) -> dict:
     }
 
 
-def converted_shapes(config) -> tuple[int, int, int, int]:
-    """(H, G, d, hidden) of a converted config (from its `diff_attention` features)."""
-    data = config.diff_attention
-    return data["num_heads"], data["num_key_value_heads"], data["head_dim"], config.hidden_size
-
-
-def _expected_shape(name: str, config) -> tuple[int, ...]:
-    heads, num_kv, d, hidden = converted_shapes(config)
+def _expected_shape(name: str, config, spec: ArchSpec) -> tuple[int, ...]:
+    heads, num_kv, d = head_counts(config, spec)
+    hidden = config.hidden_size
     rows = {"q_proj": heads * d, "o_proj": hidden}.get(name, num_kv * d)
     return (rows, heads * d if name == "o_proj" else hidden)
 
@@ -226,7 +221,7 @@ def read_role(reader: TensorReader, spec: ArchSpec, layer_idx: int, role: str, k
 def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int) -> dict[str, torch.Tensor]:
     """One layer's attention as separate {q,k,v,o}_proj.{weight,bias} in nn.Linear layout: a fused QKV tensor is
     split by its layout (netmorph/ops/qkv_layout.py), so every family converts through the same function."""
-    heads, num_kv, _, _ = converted_shapes(config)
+    heads, num_kv, _ = head_counts(config, spec)
     attn = {}
     for kind in ("weight", "bias"):
         if "qkv" in spec.tensors:
@@ -241,7 +236,7 @@ def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int)
         if out is not None:
             attn[f"o_proj.{kind}"] = out
     for proj in ATTENTION_TENSORS:
-        expected, shape = _expected_shape(proj, config), tuple(attn[f"{proj}.weight"].shape)
+        expected, shape = _expected_shape(proj, config, spec), tuple(attn[f"{proj}.weight"].shape)
         if shape != expected:
             fused = "qkv" in spec.tensors and proj != "o_proj"
             what = f"{spec.name(layer_idx, 'qkv', 'weight')} holds a {proj} that" if fused else spec.name(layer_idx, proj[0], "weight")
@@ -256,7 +251,7 @@ def convert_layer(
     reader: TensorReader, config, spec: ArchSpec, recipe: DiffAttentionRecipe, layer_idx: int, seed: int
 ) -> dict[str, torch.Tensor]:
     attn = read_attention(reader, config, spec, layer_idx)
-    heads, _, head_dim, _ = converted_shapes(config)
+    heads, _, head_dim = head_counts(config, spec)
     # One generator per layer: the bytes of a layer do not depend on which other layers exist or their order.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
     converted = convert_attention_tensors(attn, layer_idx, heads, head_dim, recipe, generator)
@@ -340,7 +335,7 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         "",
         *(LAMBDA_V2 if options.variant == "v2" else LAMBDA_V1),
         "",
-        *card_lines(reports),
+        *card_lines(reports, exact=options.exact),
     ]
     lines += [
         "## Use",
@@ -383,8 +378,7 @@ def verify_conversion(source: Source, directory: Path, options: ConvertOptions, 
     original = source.load_model(attn_implementation)
     tokenizer = source.load_tokenizer()
     texts = default_texts()
-    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
-    return compare_models(original, converted, tokenizer, texts, prompts, tolerance=options.tolerance)
+    return compare_models(original, converted, tokenizer, texts, DEFAULT_PROMPTS, tolerance=options.tolerance)
 
 
 def convert_diff_transformer(
@@ -434,10 +428,9 @@ def convert_diff_transformer(
             report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
             report.approximate = not options.exact
             reports.append(report)
-            if options.exact and not report.max_abs_logit_diff <= options.tolerance:  # NaN fails too
-                raise NetmorphError(
-                    f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} exceeds {options.tolerance:g} "
-                    "in an exact mode; nothing was written (please report this as a bug)"
-                )
         write_model_card(tmp, source, options, reports)
-    return ConversionResult(output_dir, config, reports)
+    result = ConversionResult(output_dir, config, reports)
+    problem = failure(reports) if options.exact else None
+    if problem:  # the checkpoint stays (its card says FAILED) for the bug report; the command fails
+        raise VerificationFailed(problem, result)
+    return result

@@ -18,14 +18,14 @@ import torch
 
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.arch.families import GROW_DIMS
-from netmorph.errors import NetmorphError
+from netmorph.errors import NetmorphError, VerificationFailed
 from netmorph.io.reader import MetaReader, TensorReader
 from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops import grow as ops
 from netmorph.options import GrowOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import VerifyReport, compare_models
+from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, compare_models, failure
 
 log = logging.getLogger("netmorph")
 
@@ -545,10 +545,7 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
          "other side is random, so every new parameter trains."),
         "", f"## Verification ({options.verify_dtype}, real text)", "",
     ]
-    if not reports:
-        lines.append("Not run (`--no-verify`).")
-    for report in reports:
-        lines += ["```", report.table(), "```", ""]
+    lines += card_lines(reports)[2:]  # the heading above names the verification dtype
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("<this dir>")',
               'tokenizer = AutoTokenizer.from_pretrained("<this dir>")', "```"]
@@ -566,10 +563,9 @@ def verify_growth(source: Source, directory: Path, options: GrowOptions, backend
     dtype = getattr(torch, options.verify_dtype)
     grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
     original = source.load_model(backend)
-    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
     try:
         original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
-        return compare_models(original, grown, source.load_tokenizer(), default_texts(), prompts,
+        return compare_models(original, grown, source.load_tokenizer(), default_texts(), DEFAULT_PROMPTS,
                               tolerance=options.tolerance)
     finally:
         original.to(torch.float32)
@@ -604,17 +600,14 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         source.save_generation_config(tmp)
         reports = []
         if options.verify or options.debug:
-            report = verify_growth(source, tmp, options, spec.attention_backend)
-            reports.append(report)
-            if not report.passed:
-                raise NetmorphError(
-                    f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3e} (tolerance "
-                    f"{options.tolerance:g}), generations {'match' if report.generations_match else 'differ'}; "
-                    "nothing was written (please report this as a bug)"
-                )
+            reports.append(verify_growth(source, tmp, options, spec.attention_backend))
         model_class = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"])[0]
         write_model_card(tmp, source, plan, options, reports, model_class)
-    return GrowResult(output_dir, config, plan, reports)
+    result = GrowResult(output_dir, config, plan, reports)
+    problem = failure(reports)
+    if problem:  # growth is exact: the checkpoint stays (its card says FAILED) for the bug report; the command fails
+        raise VerificationFailed(problem, result)
+    return result
 
 
 __all__ = ["Dims", "GrowResult", "GrowthPlan", "grow", "plan_growth"]

@@ -109,11 +109,29 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def card_lines(reports) -> list[str]:
+def failure(reports) -> str | None:
+    """None when every report passed; otherwise one line saying what differed (for an exact mode's FAILED line)."""
+    problems = []
+    for report in reports:
+        if not report.max_abs_logit_diff <= report.tolerance:  # NaN fails too
+            problems.append(f"max |Δlogit| {report.max_abs_logit_diff:.3e} exceeds {report.tolerance:g}")
+        differing = [g.prompt for g in getattr(report, "generations", []) if not g.match]
+        if differing:
+            problems.append(f"greedy generation differs for {', '.join(map(repr, differing))}")
+        if not getattr(report, "top1_match", True):
+            problems.append("top-1 tokens differ")
+    return "; ".join(problems) or None
+
+
+def card_lines(reports, exact: bool = True) -> list[str]:
     """A model card's verification section: each report's table, or why there is none."""
     lines = ["## Verification (fp32, real text)", ""]
     if not reports:
         lines.append("Not run (`--no-verify`).")
+    problem = failure(reports) if exact else None
+    if problem:
+        lines += [f"**Verification FAILED**: {problem}. This mode should be exact: the checkpoint does not compute "
+                  "the source model's function — please report it with this card.", ""]
     for report in reports:
         lines += ["```", report.table(), "```", ""]
     return lines
@@ -144,13 +162,22 @@ def compare_logits(logits_a: torch.Tensor, logits_b: torch.Tensor, input_ids: to
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def greedy_batch(model, tokenizer, prompts, new_tokens: int) -> list[str]:
+    """Greedy continuations of `prompts`, generated as ONE left-padded batch with the KV cache — the path serving
+    takes, so the padding mask, the positions of padded rows and every cache update are exercised. Returns the
+    decoded new text of each prompt (special tokens dropped)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    encoded = [tokenizer(prompt).input_ids for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):  # left padding: every prompt ends at the last column
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    out = model.generate(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
 
 
 def compare_models(
@@ -163,16 +190,18 @@ def compare_models(
     new_tokens: int = 32,
     tolerance: float = 1e-4,
 ) -> VerifyReport:
-    """Both models must already be on the attention backend to compare (`attn_implementation` is read from one)."""
+    """Both models on the same real texts (logits of the first `max_tokens` tokens of each) and the same prompts
+    (greedy generation of `new_tokens` tokens, all prompts as one left-padded batch with the KV cache).
+    Both models must already be on the attention backend to compare (`attn_implementation` is read from one)."""
     report = VerifyReport(attn_implementation=converted.config._attn_implementation, tolerance=tolerance,
                           dtype=str(next(converted.parameters()).dtype).removeprefix("torch."))
     for name, text in texts.items():
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
         report.texts.append(compare_text(original, converted, ids, name))
-    for prompt in prompts:
-        report.generations.append(
-            GenerationComparison(prompt, greedy(original, tokenizer, prompt, new_tokens), greedy(converted, tokenizer, prompt, new_tokens))
-        )
+    if prompts:
+        pairs = zip(prompts, greedy_batch(original, tokenizer, prompts, new_tokens),
+                    greedy_batch(converted, tokenizer, prompts, new_tokens))
+        report.generations = [GenerationComparison(*pair) for pair in pairs]
     return report
 
 

@@ -2,11 +2,14 @@
 intermediate 1536, tied embeddings), loaded fresh from disk with the stock LlamaForCausalLM.
 
 Tolerances, by the dtype they hold for:
-- float64 evaluation of both fp32 checkpoints: max |Δlogit| ≤ 1e-4. This measures the grown checkpoint itself (what
-  is left is the rounding of rescaled weights — q × √(d′/d), norm gains × √(n/n′) — to fp32).
-- float32 evaluation: SmolLM2's own run-to-run rounding noise is about 1e-4 (the *same* model under eager vs sdpa
-  differs by 1.0–1.3e-4 on these texts), so any change of shapes lands there. Asserted: ≤ max(1e-4, 2 × that floor),
-  measured on the same tokens, and identical greedy text.
+- float64 evaluation of both fp32 checkpoints: max |Δlogit| ≤ 1e-4 (FLOAT64_TOLERANCE). This measures the grown
+  checkpoint itself (what is left is the rounding of rescaled weights — q × √(d′/d), norm gains × √(n/n′) — to fp32;
+  measured 2.9e-5 for "all").
+- float32 evaluation: FLOAT64_TOLERANCE + twice the source's own fp32 rounding error (max |fp32 − float64 logits| of
+  the source on the same tokens, 1.07e-4 on SmolLM2): each model rounds about as much as the source (the grown "all"
+  model: 1.09e-4), on top of the checkpoint's own error. Measured for "all": 1.78e-4 ≤ 3.1e-4. (The earlier bound,
+  2 × the source's eager-vs-sdpa difference = 1.5e-4, was not a rounding bound: transformers 5.24's kernels moved the
+  figure past it while the float64 figure stayed at 2.9e-5.) Greedy text must be identical.
 """
 
 import re
@@ -34,6 +37,7 @@ GROWTHS = {
                 hidden_size=768, new_layers_at="interleave"),
 }
 NEW_TOKENS = 16
+FLOAT64_TOLERANCE = 1e-4
 WRITER_NAMES = re.compile(r"o_proj|down_proj|embed_tokens")  # the zero side of every new path
 
 
@@ -45,17 +49,17 @@ def load(path, dtype=torch.float32, attn="sdpa"):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir):
-    """The source model's logits on ~256 real tokens (fp32 and float64), its greedy text, and its fp32 noise floor."""
+    """The source model's logits on ~256 real tokens (fp32 and float64), its greedy text, and its fp32 rounding error."""
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
     ids = tokenizer(next(iter(default_texts().values())), return_tensors="pt").input_ids[:, :256]
     prompt = tokenizer("The quick brown fox", return_tensors="pt").input_ids
     original = load(smollm2_dir)
     with torch.no_grad():
         logits32 = original(ids).logits
-        floor = (load(smollm2_dir, attn="eager")(ids).logits - logits32).abs().max().item()
         logits64 = load(smollm2_dir, torch.float64)(ids).logits
+        rounding = (logits32.double() - logits64).abs().max().item()
     greedy = original.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return dict(ids=ids, prompt=prompt, logits32=logits32, logits64=logits64, floor=floor, greedy=greedy,
+    return dict(ids=ids, prompt=prompt, logits32=logits32, logits64=logits64, rounding=rounding, greedy=greedy,
                 pad=tokenizer.eos_token_id)
 
 
@@ -79,10 +83,10 @@ def test_growth_is_exact_on_real_text(smollm2_dir, tmp_path, reference, name):
     del model
     with torch.no_grad():
         diff64 = (load(directory, torch.float64)(reference["ids"]).logits - reference["logits64"]).abs().max().item()
-    print(f"{name}: max|Δlogit| float64 {diff64:.2e}, float32 {diff32:.2e} (source's own eager-vs-sdpa floor "
-          f"{reference['floor']:.2e})")
-    assert diff64 <= 1e-4, f"{name}: float64 max |Δlogit| {diff64:.3e}"
-    assert diff32 <= max(1e-4, 2 * reference["floor"]), f"{name}: float32 max |Δlogit| {diff32:.3e}"
+    print(f"{name}: max|Δlogit| float64 {diff64:.2e}, float32 {diff32:.2e} (source's own fp32 rounding "
+          f"{reference['rounding']:.2e})")
+    assert diff64 <= FLOAT64_TOLERANCE, f"{name}: float64 max |Δlogit| {diff64:.3e}"
+    assert diff32 <= FLOAT64_TOLERANCE + 2 * reference["rounding"], f"{name}: float32 max |Δlogit| {diff32:.3e}"
     assert torch.equal(greedy, reference["greedy"])
 
 

@@ -68,8 +68,8 @@ def allowed_matrix(positions_valid: torch.Tensor, documents: torch.Tensor | None
 def reference_logits(path, input_ids, allowed: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     model = switched_on(path, "eager", torch.float64)
     additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    masks = {"full_attention": additive[:, None], "sliding_attention": additive[:, None]}
-    return model(input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False).logits
+    # A 4-D mask is used as given by every layer (the window, when there is one, is in `allowed`).
+    return model(input_ids, attention_mask=additive[:, None], position_ids=position_ids, use_cache=False).logits
 
 
 def sliding_window_of(family):
