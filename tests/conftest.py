@@ -18,6 +18,14 @@ if not os.path.exists("/dev/nvidiactl"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
+
+# The compatibility job (tests/compat.py) puts another transformers first on PYTHONPATH: make sure it is the one
+# imported, or the job would test the locked version twice.
+_EXPECTED = os.environ.get("NETMORPH_COMPAT_TRANSFORMERS")
+if _EXPECTED and transformers.__version__ != _EXPECTED:
+    raise pytest.UsageError(f"the compat job asked for transformers {_EXPECTED}, but {transformers.__version__} was "
+                            f"imported from {transformers.__file__}")
 
 from tests.helpers import save_tiny_model  # noqa: E402
 

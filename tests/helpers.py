@@ -68,6 +68,14 @@ def max_logit_diff(model_a, model_b, ids, **kwargs) -> float:
     return (a - b).abs().max().item()
 
 
+def cache_argument(model, cache) -> dict:
+    """{name: cache} under the name the installed transformers' forward takes: `cache` since 5.24 (which still
+    accepts `past_key_values` until 5.40), `past_key_values` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def save_char_tokenizer(directory: Path) -> Path:
     """A real character-level tokenizer for the tiny models' 97-token vocabulary: 0 <unk>/pad, 1 <s>, 2 </s>, then
     the 94 printable ASCII characters ' '..'}'; newlines read as spaces."""

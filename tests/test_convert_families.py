@@ -5,6 +5,7 @@ left padding. The converted model is the stock family model with differential at
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from safetensors import safe_open
 from netmorph.errors import NetmorphError
 from tests.family_models import VARIANTS, save_family_model
 from tests.helpers import convert, random_ids
+
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
 
 TOL = 1e-5  # fp32
 BACKENDS = ("eager", "sdpa")
@@ -143,7 +146,8 @@ def test_remote_code_is_self_contained_for_every_family(conversions, tmp_path):
             print("MAXDIFF", variant, diff)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home")})
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home"),
+                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = {line.split()[1]: float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("MAXDIFF")}
     assert set(diffs) == set(VARIANTS)

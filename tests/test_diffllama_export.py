@@ -20,7 +20,9 @@ from netmorph.ops.diffllama import (
 )
 from netmorph.sources import default_texts, resolve_source
 from netmorph.verify import compare_text
-from tests.helpers import convert, random_ids, save_char_tokenizer, save_tiny_model
+from tests.helpers import cache_argument, convert, random_ids, save_char_tokenizer, save_tiny_model
+
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
 
 
 def test_lambda_construction_is_zero_in_fp32():
@@ -121,7 +123,7 @@ def test_exported_model_decodes_with_its_kv_cache(tiny_source, tmp_path):
     ids = random_ids(length=12)
     full = model(ids).logits[:, -1]
     prefix = model(ids[:, :-1], use_cache=True)
-    step = model(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
+    step = model(ids[:, -1:], **cache_argument(model, prefix.past_key_values)).logits[:, -1]
     assert torch.allclose(full, step, atol=1e-5)
 
 

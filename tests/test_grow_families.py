@@ -14,6 +14,8 @@ from netmorph.arch import FAMILIES
 from tests.grow_helpers import MODEL_TYPE, grow_tiny, save_tiny
 from tests.test_cli_errors import assert_clean_error, run_cli
 
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
+
 L, I, H, K, D, N = "num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"
 # family → [(dims the case grows, options)]: together the cases of a family cover every dim it supports.
 CASES = {

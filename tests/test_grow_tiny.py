@@ -13,6 +13,8 @@ from tests.grow_helpers import grow_tiny, save_tiny
 from tests.helpers import random_ids
 from tests.test_cli_errors import assert_clean_error, run_cli
 
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
+
 CASES = {
     "llama": [dict(num_layers=4), dict(num_layers=5, new_layers_at="interleave"), dict(intermediate_size=80),
               dict(num_attention_heads=12, num_key_value_heads=4), dict(num_key_value_heads=9), dict(head_dim=10),

@@ -9,7 +9,9 @@ Reference: the same weights in float64 with eager attention and a hand-built add
 import pytest
 import torch
 
-from tests.helpers import convert, load, random_ids, save_tiny_model
+from tests.helpers import cache_argument, convert, load, random_ids, save_tiny_model
+
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
 
 BACKENDS = ["eager", "sdpa", "flex_attention"]
 TOL = 2e-5
@@ -160,7 +162,7 @@ def test_prefill_then_decode_one_and_several_equals_one_forward(converted, famil
         out = model(ids[:, :12], use_cache=True)
         cache, pieces = out.past_key_values, [out.logits]
         for start, stop in ((12, 13), (13, 17), (17, 18), (18, 20)):  # decode 1, then k > 1, …
-            out = model(ids[:, start:stop], past_key_values=cache, use_cache=True)
+            out = model(ids[:, start:stop], **cache_argument(model, cache), use_cache=True)
             pieces.append(out.logits)
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
 

@@ -1,5 +1,6 @@
 """The bundled SmolLM2-135M-Instruct (fp32, 30 layers, 9 query / 3 KV heads, tied embeddings) on real text."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -121,7 +122,8 @@ def test_loads_and_generates_without_netmorph(converted_dirs):
         print("GENERATED", out.shape[1] - ids.shape[1])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(converted_dirs["default"].parent / "hf-home")})
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(converted_dirs["default"].parent / "hf-home"),
+                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GENERATED 8" in result.stdout
 

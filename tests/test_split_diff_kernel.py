@@ -7,6 +7,7 @@ triton (Triton reads it when its own library functions are decorated). With a GP
 is not measured here (benchmarks/gpu_diff_attention.py does).
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed: the fused split-h
 
 from netmorph.modeling import split_diff_kernel
 from netmorph.modeling.split_diff_kernel import interpreter_mode, split_diff_attention
-from tests.helpers import convert, load, random_ids, save_tiny_model
+from tests.helpers import cache_argument, convert, load, random_ids, save_tiny_model
 
 DEVICE = "cpu" if interpreter_mode() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -261,7 +262,7 @@ def test_model_prefill_and_decode_with_the_kernel_equals_one_forward(split_model
         out = model(ids[:, :12], use_cache=True)
         cache, pieces = out.past_key_values, [out.logits]
         for start, stop in ((12, 13), (13, 17), (17, 20)):  # decode 1, then k > 1
-            out = model(ids[:, start:stop], past_key_values=cache, use_cache=True)
+            out = model(ids[:, start:stop], **cache_argument(model, cache), use_cache=True)
             pieces.append(out.logits)
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 2e-5
 
@@ -313,7 +314,7 @@ def test_split_conversion_loads_as_remote_code_without_netmorph_or_triton(split_
         print("MAXDIFF", (logits["eager"] - logits["sdpa"]).abs().max().item())
     """)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home"),
-           "NETMORPH_SPLIT_KERNEL": "auto"}
+           "NETMORPH_SPLIT_KERNEL": "auto", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.split("MAXDIFF")[1]) <= 2e-5

@@ -12,7 +12,7 @@ import torch
 from transformers import StaticCache
 
 from tests.family_models import save_family_model
-from tests.helpers import convert, random_ids, save_tiny_model
+from tests.helpers import cache_argument, convert, random_ids, save_tiny_model
 from tests.test_convert_families import load as load_family
 from tests.test_masks import switched_on
 
@@ -45,10 +45,10 @@ def test_compiled_decode_over_a_static_cache_matches_one_full_forward(converted,
     step = torch.compile(model.forward, fullgraph=True)  # fullgraph: a graph break raises instead of falling back
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        pieces = [model(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits]
+        pieces = [model(ids[:, :PROMPT], **cache_argument(model, cache), use_cache=True).logits]
         for position in range(PROMPT, ids.shape[1]):
-            pieces.append(step(ids[:, position:position + 1], past_key_values=cache, use_cache=True,
-                               position_ids=torch.full((2, 1), position), cache_position=torch.tensor([position])).logits)
+            pieces.append(step(ids[:, position:position + 1], **cache_argument(model, cache), use_cache=True,
+                               position_ids=torch.full((2, 1), position)).logits)
     # Compiled kernels fuse and reorder fp32 sums: a few ulps of the logits, not a masking or cache error (those
     # are O(1)).
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 5e-5

@@ -5,6 +5,8 @@ import torch
 
 from tests.helpers import FAMILIES, convert, load, max_logit_diff, random_ids, save_tiny_model
 
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
+
 EXACT_MODES = {
     "default": {},
     "zero-init": {"zero_init": True},

@@ -19,6 +19,8 @@ from netmorph.cli import main
 from netmorph.sources import default_text_files
 from netmorph.train.callbacks import mix_at, monitored_layers
 
+pytestmark = pytest.mark.compat  # also run against the oldest and newest transformers (tests/compat.py)
+
 WARMUP = 4
 
 
