@@ -19,7 +19,7 @@ from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_text_files, default_texts, resolve_source
-from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, compare_models, failure
+from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, check_tokenizer, compare_models, failure
 from netmorph.verify_layerwise import whole_models_fit
 
 log = logging.getLogger("netmorph")
@@ -427,10 +427,11 @@ def convert_diff_transformer(
                 log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
             report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
             report.approximate = not options.exact
+            check_tokenizer(report, source, tmp)
             reports.append(report)
         write_model_card(tmp, source, options, reports)
     result = ConversionResult(output_dir, config, reports)
-    problem = failure(reports) if options.exact else None
+    problem = failure(reports, options.exact)
     if problem:  # the checkpoint stays (its card says FAILED) for the bug report; the command fails
         raise VerificationFailed(problem, result)
     return result

@@ -14,14 +14,14 @@ import torch
 
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.convert import head_counts, llama_fields, read_attention, stream_attention_layers
-from netmorph.errors import NetmorphError
+from netmorph.errors import NetmorphError, VerificationFailed
 from netmorph.io.reader import MetaReader, TensorReader
 from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops.diffllama import diffllama_attention_tensors
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import VerifyReport, card_lines, compare_models
+from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, check_tokenizer, compare_models, failure
 
 log = logging.getLogger("netmorph")
 
@@ -93,10 +93,10 @@ def verify_export(source: Source, directory: Path, options: ConvertOptions) -> V
 
     exported = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
     original = source.load_model("sdpa")
-    prompts = ("The quick brown fox",) if options.debug else ("The quick brown fox", "Once upon a time")
-    report = compare_models(original, exported.eval(), source.load_tokenizer(), default_texts(), prompts,
+    report = compare_models(original, exported.eval(), source.load_tokenizer(), default_texts(), DEFAULT_PROMPTS,
                             tolerance=options.tolerance)
     report.approximate = True
+    check_tokenizer(report, source, directory)
     return report
 
 
@@ -116,7 +116,7 @@ def write_model_card(directory: Path, source: Source, options: ConvertOptions, r
         "",
         f"- Options: `{json.dumps({'negative_init': options.negative_init, 'diffllama_anchor': options.diffllama_anchor, 'seed': options.seed})}`",
         "",
-        *card_lines(reports),
+        *card_lines(reports, exact=False),
     ]
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -145,4 +145,8 @@ def export_diffllama(source_arg: str | None, output_dir: str | Path | None, opti
         source.save_generation_config(tmp)
         reports = [verify_export(source, tmp, options)] if options.verify or options.debug else []
         write_model_card(tmp, source, options, reports)
-    return ExportResult(output_dir, config, reports)
+    result = ExportResult(output_dir, config, reports)
+    problem = failure(reports, exact=False)  # approximate: only a broken tokenizer fails it
+    if problem:
+        raise VerificationFailed(problem, result)
+    return result

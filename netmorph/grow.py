@@ -20,12 +20,13 @@ from netmorph.arch import ArchSpec, spec_for
 from netmorph.arch.families import GROW_DIMS
 from netmorph.errors import NetmorphError, VerificationFailed
 from netmorph.io.reader import MetaReader, TensorReader
-from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
+from netmorph.io.streaming import CastingWriter, StreamingWriter, pass_through, plan_output, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.ops import grow as ops
 from netmorph.options import GrowOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, compare_models, failure
+from netmorph.verify import (DEFAULT_PROMPTS, VerifyReport, card_lines, check_tokenizer, compare_models, failure,
+                             own_rounding)
 
 log = logging.getLogger("netmorph")
 
@@ -53,6 +54,13 @@ class GrowthPlan:
     rotary_dims: int
     config_updates: dict = field(default_factory=dict)
     q_scales: list[float] = field(default_factory=list)  # per output layer, where the score scale depends on it
+
+    @property
+    def rescales(self) -> bool:
+        """Does a recipe multiply existing weights by a factor (norm gains × √(n/n′), q × √(d′/d), W/k for copies,
+        GPT-2's layer-index q scale)? In a bf16/fp16 checkpoint the products are rounded to it."""
+        s, t = self.source, self.target
+        return s.hidden != t.hidden or s.head_dim != t.head_dim or any(scale != 1.0 for scale in self.q_scales)
 
     @property
     def attention_changes(self) -> bool:
@@ -407,7 +415,7 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
-    dtype = reader.describe(spec.embed).dtype
+    dtype = options.output_dtype or reader.describe(spec.embed).dtype
     if t.hidden == s.hidden:
         for name in handled:
             if name in reader and not (tied and name == spec.lm_head):
@@ -448,7 +456,7 @@ def _copy_globals(reader, spec: ArchSpec, copies: int, embed_scale: float, tied:
                   options: GrowOptions) -> None:
     """Embedding, final norm and head for hidden growth by copies. A tied head reads the k copies of the final norm
     through the (scaled) embedding copies: the final norm's gain × 1/(k·scale) brings the logits back."""
-    dtype = reader.describe(spec.embed).dtype
+    dtype = options.output_dtype or reader.describe(spec.embed).dtype
     writer.add(spec.embed, ops.copy_embedding(reader.get(spec.embed), copies, embed_scale).to(dtype))
     bias_name = f"{spec.final_norm}.bias"
     weight, bias = ops.copy_norm(reader.get(f"{spec.final_norm}.weight"),
@@ -486,7 +494,7 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, opt
         if extras and plan.attention_changes:
             raise NetmorphError(f"layer {source_idx} holds {next(iter(extras))}, which netmorph cannot grow with "
                                 f"heads/head_dim/hidden: grow {_flag('num_layers')} or {_flag('intermediate_size')} only")
-        dtype = reader.describe(names[0]).dtype
+        dtype = options.output_dtype or reader.describe(names[0]).dtype
         # One generator per output layer: its bytes do not depend on the other layers.
         generator = torch.Generator().manual_seed(base_seed + out_idx)
         grown = grow_layer(layer, plan, is_new, options, generator, out_idx)
@@ -514,12 +522,13 @@ def copy_layer(reader: TensorReader, spec: ArchSpec, source_idx: int, out_idx: i
     log.debug("layer %d ← source layer %d (copied)", out_idx, source_idx)
 
 
-def plan_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, options: GrowOptions):
+def plan_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, options: GrowOptions, cast=lambda writer: writer):
     """Every output tensor's name, shape and dtype: the growth run on meta tensors, allocating nothing. Random
-    draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data value)."""
+    draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data value).
+    `cast` wraps the writer as the real run does (an output dtype other than the source's)."""
     planning = options.model_copy(update={"init_std": options.init_std or 1.0})
     with torch.device("meta"):
-        return plan_output(lambda recorder: grow_tensors(MetaReader(reader), plan, tied, recorder, planning))
+        return plan_output(lambda recorder: grow_tensors(MetaReader(reader), plan, tied, cast(recorder), planning))
 
 
 # ── the command ─────────────────────────────────────────────────────────────────────────────────────────────────
@@ -552,21 +561,38 @@ def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options:
     (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa") -> VerifyReport:
+def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa",
+                  rounded_to: torch.dtype | None = None) -> VerifyReport:
     """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
 
     Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
     the checkpoint dtype); in float32 a real model adds its run-to-run rounding noise, as large as 1e-4 on SmolLM2.
+    `rounded_to`: the half-precision dtype the recipe's rescaled weights were rounded to. No factor like √(n/n′) is
+    exact in it, so the tolerance becomes twice the source's own error in that dtype (the source run in it vs in
+    `options.verify_dtype`, on the same texts) when that is larger: the checkpoint may change the function by about
+    as much as running the source in its own precision does (measured on tiny models, checkpoint / own rounding:
+    Llama bf16 0.3–0.6, fp16 0.3–0.4; StableLM's mean-filled LayerNorms fp16 1.1). Greedy text is then compared but not required to match: that
+    much noise flips near-ties (the source's own text changes when it runs in that dtype). `--dtype float32`
+    writes the rescaled weights exactly instead.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, options.verify_dtype)
     grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
     original = source.load_model(backend)
+    tokenizer, texts = source.load_tokenizer(), default_texts()
     try:
+        tolerance, basis = options.tolerance, ""
+        if rounded_to is not None:
+            rounding = own_rounding(original, tokenizer, texts, rounded_to, dtype)
+            if 2 * rounding > tolerance:
+                name = str(rounded_to).removeprefix("torch.")
+                tolerance, basis = 2 * rounding, (f"2 × the source's own {name} rounding on these texts (the rescaled "
+                                                  f"weights are stored in {name}; --dtype float32 keeps them exact)")
         original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
-        return compare_models(original, grown, source.load_tokenizer(), default_texts(), DEFAULT_PROMPTS,
-                              tolerance=options.tolerance)
+        report = compare_models(original, grown, tokenizer, texts, DEFAULT_PROMPTS, tolerance=tolerance)
+        report.tolerance_basis, report.generations_required = basis, not basis
+        return report
     finally:
         original.to(torch.float32)
 
@@ -583,16 +609,21 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
     config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
-    config.dtype = reader.describe(spec.embed).dtype if spec.embed in reader else torch.float32
+    stored = reader.describe(spec.embed).dtype if spec.embed in reader else torch.float32
+    out_dtype = stored if options.dtype == "source" else getattr(torch, options.dtype)
+    config.dtype = out_dtype
     tied = spec.is_tied(source.config)
     log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
 
-    output_plan = plan_tensors(reader, plan, tied, options)
+    def cast(writer):  # --dtype other than the source's: every floating tensor is stored in it
+        return writer if out_dtype == stored else CastingWriter(writer, out_dtype)
+
+    output_plan = plan_tensors(reader, plan, tied, options, cast)
 
     with atomic_output_dir(output_dir) as tmp:
         with StreamingWriter(tmp, output_plan, parse_size(options.max_shard_size), progress=options.progress,
                              description="growing") as writer:
-            grow_tensors(reader, plan, tied, writer, options)
+            grow_tensors(reader, plan, tied, cast(writer), options)
             writer.finish()
         release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
         config.save_pretrained(tmp)
@@ -600,7 +631,9 @@ def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOpt
         source.save_generation_config(tmp)
         reports = []
         if options.verify or options.debug:
-            reports.append(verify_growth(source, tmp, options, spec.attention_backend))
+            rounded_to = out_dtype if plan.rescales and out_dtype in (torch.bfloat16, torch.float16) else None
+            reports.append(verify_growth(source, tmp, options, spec.attention_backend, rounded_to))
+            check_tokenizer(reports[-1], source, tmp)
         model_class = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"])[0]
         write_model_card(tmp, source, plan, options, reports, model_class)
     result = GrowResult(output_dir, config, plan, reports)

@@ -156,8 +156,16 @@ class GrowOptions(CheckpointOptions):
     new_layers_at: str = Field("append", description="Where new layers go: append, interleave, or comma-separated source layer indices each new layer follows (e.g. 3,7,11).")
     layer_init: Literal["copy", "normal"] = Field("copy", description="New layers: copy the layer they follow (Llama Pro) or draw fresh normal weights; their output projections start at zero either way.")
     init_std: float | None = Field(None, gt=0, description="Std of the new random weights [default: each grown tensor's own std].")
+    dtype: Literal["source", "float32", "bfloat16", "float16"] = Field("source", description="Dtype of the grown checkpoint. source: the source's; a bf16/fp16 source grown in hidden size or head_dim then holds rescaled weights rounded to it (verified against the source's own rounding in that dtype); float32 keeps them exact.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| that counts as exact in the verification (in --verify-dtype).")
     verify_dtype: Literal["float64", "float32"] = Field("float64", description="Precision both models run in for the verification. float64 measures the checkpoint itself; float32 adds the model's own run-to-run rounding noise (~1e-4 on SmolLM2: eager vs sdpa differ that much).")
+
+    @property
+    def output_dtype(self):
+        """The torch dtype of `--dtype`, None for "source" (each tensor keeps its dtype)."""
+        import torch
+
+        return None if self.dtype == "source" else getattr(torch, self.dtype)
 
     @field_validator("new_layers_at")
     @classmethod
@@ -224,7 +232,14 @@ class TrainingYaml(DiffAttnArgs):
     eval_steps: int | None = Field(None, ge=1)
     seed: int = 42
     report_to: str | list[str] = "none"
+    # Precision, with axolotl's keys: bf16 / fp16 train with automatic mixed precision (fp32 master weights);
+    # bfloat16 / float16 / float32 load, train and save the model in that dtype. The saved model keeps the base
+    # model's dtype unless one of the last three says otherwise.
     bf16: bool | Literal["auto"] = False
+    fp16: bool = False
+    bfloat16: bool = False
+    float16: bool = False
+    float32: bool = False
     gradient_checkpointing: bool = False
     resume_from_checkpoint: str | None = None
     auto_resume_from_checkpoints: bool = False

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from netmorph.errors import NetmorphError
+from netmorph.verify import clip_to_context, context_length
 
 DPI = 100
 
@@ -121,6 +122,7 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, 
     for one head or averaged over heads."""
     plt = _pyplot()
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    input_ids = input_ids[:, :clip_to_context(input_ids.shape[1], context_length(model.config), "the prompt")]
     positive, negative, lam = attention_maps(model, input_ids, layer)
     if head is not None and not 0 <= head < positive.shape[0]:
         raise NetmorphError(f"--head {head} is out of range: layer {layer} has heads 0..{positive.shape[0] - 1}")

@@ -35,7 +35,7 @@ from netmorph.ops.grow import split_gate_up
 from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
 from netmorph.options import QkvLayoutOptions, parse_size
 from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import DEFAULT_PROMPTS, card_lines, compare_models, failure
+from netmorph.verify import DEFAULT_PROMPTS, card_lines, check_tokenizer, compare_models, failure
 from netmorph.verify_layerwise import whole_models_fit
 
 log = logging.getLogger("netmorph")
@@ -370,6 +370,7 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
             whole = plan.stock and plan.source_stock and whole_models_fit(reader)
             if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
                 result.reports.append(verify_logits(source, tmp, plan, options, layerwise=not whole))
+                check_tokenizer(result.reports[-1], source, tmp)
         write_model_card(tmp, source, plan, result)
     problem = failure(result.reports)
     if problem:  # a layout change is exact: the checkpoint stays (its card says FAILED) for the bug report

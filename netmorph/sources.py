@@ -20,17 +20,12 @@ import yaml
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader, StateDictReader, TensorReader, check_gguf_file
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# Files of a source directory that a command does not carry to its output: weights (the command writes its own),
+# what it writes itself (config.json, generation_config.json, the model card, the training config.yml) and code.
+# Everything else at the top level — tokenizer files of any kind (tokenizer.json, vocab.txt, sentencepiece models,
+# merges, chat templates), licenses, notices — is copied as it is.
+NOT_CARRIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.msgpack", "*.h5", "*.onnx",
+               "*.index.json", "config.json", "generation_config.json", "README.md", "config.yml", "*.py", ".*")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 YAML_SUFFIXES = (".yml", ".yaml")
 
@@ -83,19 +78,27 @@ class Source:
                 self._check_weight_files()
             try:
                 safetensors = {} if self.kind == "gguf" else {"use_safetensors": not self.allow_pickle}
-                self._model = AutoModelForCausalLM.from_pretrained(
-                    self._pretrained_dir, dtype=torch.float32, **self._pretrained_kwargs(), **safetensors
+                self._model, info = AutoModelForCausalLM.from_pretrained(
+                    self._pretrained_dir, dtype=torch.float32, output_loading_info=True, **self._pretrained_kwargs(),
+                    **safetensors,
                 )
             except pickle.UnpicklingError:
                 raise NetmorphError(
                     f"refusing {self.path}: its pickle weights hold more than plain tensors, so loading them could run "
                     "code (torch.load(weights_only=True) refused them); convert them to safetensors with a tool you trust"
                 ) from None
-            except (ValueError, OSError, KeyError, NotImplementedError) as e:
+            except Exception as e:  # transformers raises ValueError, OSError, RuntimeError (size mismatch), ...
                 if self.kind == "gguf":
                     check_gguf_file(self.path)  # names the tensor whose type cannot be dequantized
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise NetmorphError(f"cannot load {self.path}: {first_line}") from None
+                raise NetmorphError(f"cannot load {self.path}: {_first_line(e)}") from None
+            missing = sorted(info.get("missing_keys") or ())
+            if missing:  # transformers would run them with random values: the model would not be the checkpoint's
+                self._model = None
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise NetmorphError(
+                    f"{self.path} has no {missing[0]}{more}, which its config.json needs: the checkpoint is incomplete, "
+                    "or config.json does not belong to it (e.g. tie_word_embeddings)"
+                )
             if self.kind == "gguf":
                 # Dequantized to fp32 on load: the GGUF quantization no longer applies, and keeping it blocks saving.
                 self._model.config.__dict__.pop("quantization_config", None)
@@ -121,6 +124,16 @@ class Source:
             )
         return pickles
 
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint's floating-point weights are stored in (a GGUF file: fp32, as it is dequantized).
+        Read from the safetensors headers: no tensor is loaded for it."""
+        if self.kind == "gguf":
+            return torch.float32
+        reader = self.reader()
+        dtypes = [reader.describe(name).dtype for name in reader.keys()]
+        floating = [dtype for dtype in dtypes if dtype.is_floating_point]
+        return max(set(floating), key=floating.count) if floating else torch.float32
+
     def reader(self) -> TensorReader:
         if self.kind == "gguf":
             return StateDictReader(dict(self.load_model().state_dict()))
@@ -143,12 +156,31 @@ class Source:
         return StateDictReader(state_dict)
 
     def save_tokenizer(self, destination: Path) -> None:
+        """The source's tokenizer (and the other non-weight files of a model directory: NOT_CARRIED says which are
+        left out) into `destination`; a GGUF source's tokenizer as transformers rebuilds it. Verification then checks
+        that the output's tokenizer encodes text to the source's ids (`verify.same_tokenization`)."""
         if self.kind == "hf":
-            for name in TOKENIZER_FILES:
-                if (self.path / name).exists():
-                    shutil.copy2(self.path / name, destination / name)
+            for path in sorted(self.path.iterdir()):
+                if path.is_file() and not any(path.match(pattern) for pattern in NOT_CARRIED):
+                    shutil.copy2(path, destination / path.name)
+            self._pin_tokenizer_class(destination)
             return
         self.load_tokenizer().save_pretrained(destination)
+
+    def _pin_tokenizer_class(self, destination: Path) -> None:
+        """transformers picks a tokenizer class from config.json's model_type when tokenizer_config.json names a
+        generic one (a Qwen2 checkpoint gets Qwen2Tokenizer), and an output of another model_type would get the
+        generic class and other ids: name the source's class in the output's tokenizer_config.json."""
+        config_file = destination / "tokenizer_config.json"
+        try:
+            source_class = type(self.load_tokenizer())
+            settings = json.loads(config_file.read_text())
+        except (NetmorphError, OSError, ValueError):
+            return  # no tokenizer, or no readable tokenizer_config.json: nothing to pin
+        if source_class.__module__.startswith("transformers.") and isinstance(settings, dict) and \
+                settings.get("tokenizer_class") != source_class.__name__ and "auto_map" not in settings:
+            settings["tokenizer_class"] = source_class.__name__
+            config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -192,8 +224,17 @@ def _load_config(path: Path, kind: str, trust_remote_code: bool):
         )
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError) as e:
-        raise NetmorphError(f"cannot read {config_file}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers' config classes raise ValueError, TypeError, AttributeError, their own ...
+        raise NetmorphError(f"transformers cannot read {config_file}: {_first_line(e)}; fix that field of "
+                            "config.json") from None
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message on one line: its first line, continued by the second when the first ends with ":"
+    (transformers' validation errors put the reason there), whitespace folded, at most 300 characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]
 
 
 def read_yaml(path: Path) -> dict:

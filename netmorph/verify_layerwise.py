@@ -32,7 +32,7 @@ from torch import nn
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader, TensorReader
 from netmorph.io.streaming import release_freed_memory
-from netmorph.verify import TextComparison, compare_logits
+from netmorph.verify import TOKENIZER_LINES, TextComparison, clip_to_context, compare_logits, context_length
 
 log = logging.getLogger("netmorph")
 
@@ -69,6 +69,7 @@ class LayerwiseReport:
     layers: list[LayerComparison] = field(default_factory=list)
     texts: list[TextComparison] = field(default_factory=list)
     top1_agreement: list[float] = field(default_factory=list)
+    tokenizer_match: bool | None = None  # as VerifyReport.tokenizer_match
 
     @property
     def max_abs_logit_diff(self) -> float:
@@ -84,7 +85,7 @@ class LayerwiseReport:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_logit_diff <= self.tolerance and self.top1_match
+        return self.max_abs_logit_diff <= self.tolerance and self.top1_match and self.tokenizer_match is not False
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -113,6 +114,8 @@ class LayerwiseReport:
                 f"{t.name[:13]:<14}{t.tokens:>7}{t.max_abs_logit_diff:>13.3e}{t.mean_abs_logit_diff:>14.3e}"
                 f"{t.mean_kl:>11.3e}{t.loss_original:>11.5f}{t.loss_converted:>11.5f}{agreement:>13.2%}"
             )
+        if self.tokenizer_match is not None:
+            lines.append(TOKENIZER_LINES[self.tokenizer_match])
         lines.append(
             ("Top-1 tokens match!" if self.top1_match else "Top-1 tokens differ.")
             + f"  max |Δlogit| = {self.max_abs_logit_diff:.3e} → {'PASS' if self.passed else 'FAIL'}"
@@ -349,6 +352,7 @@ def compare_layerwise(
             "(drop --layerwise)"
         )
     tokenizer = _tokenizer(models)
+    max_tokens = clip_to_context(max_tokens, context_length(model_a.config, model_b.config), "verification texts")
     ids = [tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens] for text in texts.values()]
     batch, attention_mask, valid = _batch(ids)
     report = LayerwiseReport(tolerance=tolerance, attn_implementation=attn_implementation)

@@ -572,6 +572,66 @@ def verify_non_stock_layout(case):
     return ["verify", case.src, case.out]
 
 
+@row("converting a netmorph differential checkpoint again",
+     "this is already a netmorph differential-attention checkpoint (model_type 'netmorph_diff_llama'), which "
+     "convert-diff-transformer does not take as a source: run it on the original model instead")
+def convert_a_conversion(case):
+    from netmorph.convert import convert_diff_transformer
+    from netmorph.options import ConvertOptions
+
+    converted = case.tmp / "converted"
+    convert_diff_transformer(str(case.src), converted, ConvertOptions.build(verify=False))
+    case.src = converted
+    return [CONVERT, converted, "-o", case.out]
+
+
+@row("config.json a transformers config class rejects (Qwen3 with `head_dim: null`)",
+     "transformers cannot read SRC/config.json: Validation error for field 'head_dim': TypeError: Field 'head_dim' "
+     "expected int, got NoneType (value: None); fix that field of config.json")
+def rejected_config(case):
+    from tests.family_models import save_family_model
+
+    save_family_model(case.src, "qwen3")
+    rewrite_config(case, head_dim=None)
+    return [CONVERT, case.src, "-o", case.out]
+
+
+@row("config.json that says untied embeddings for a checkpoint without lm_head",
+     "SRC has no lm_head.weight, which its config.json needs: the checkpoint is incomplete, or config.json does not "
+     "belong to it (e.g. tie_word_embeddings)")
+def untied_without_head(case):
+    rewrite_config(case, tie_word_embeddings=False)
+    return [CONVERT, case.src, "-o", case.out]
+
+
+@row("`train` with sequence_len beyond the model's context",
+     "PARENT/train.yml: sequence_len 4096 is longer than the model's context (128 tokens, max_position_embeddings): "
+     "set sequence_len to at most 128")
+def train_beyond_context(case):
+    (case.tmp / "data.txt").write_text("some text " * 50)
+    return ["train", write_yaml(case, f"base_model: SRC\noutput_dir: {case.out}\nsequence_len: 4096\n"
+                                      f"datasets: [{{path: {case.tmp / 'data.txt'}, type: completion}}]\n")]
+
+
+@row("`train` with `fp16: true` on a machine without CUDA",
+     "PARENT/train.yml: fp16: true needs a CUDA GPU (fp16 mixed precision), and this machine has none: use bf16: "
+     "true (bf16 autocast runs on the CPU) or drop fp16")
+def train_fp16_on_cpu(case):
+    if torch.cuda.is_available():
+        pytest.skip("the row is about a machine without CUDA")
+    (case.tmp / "data.txt").write_text("some text " * 50)
+    return ["train", write_yaml(case, f"base_model: SRC\noutput_dir: {case.out}\nsequence_len: 32\nfp16: true\n"
+                                      f"datasets: [{{path: {case.tmp / 'data.txt'}, type: completion}}]\n")]
+
+
+@row("`train` with two precisions (`bfloat16: true`, `float32: true`)",
+     "PARENT/train.yml: bfloat16 and float32 conflict: choose one precision")
+def train_two_precisions(case):
+    (case.tmp / "data.txt").write_text("some text " * 50)
+    return ["train", write_yaml(case, f"base_model: SRC\noutput_dir: {case.out}\nbfloat16: true\nfloat32: true\n"
+                                      f"datasets: [{{path: {case.tmp / 'data.txt'}, type: completion}}]\n")]
+
+
 # --- running a row ---------------------------------------------------------------------------------------------
 
 def expected_pattern(message: str, case: Case) -> str:

@@ -198,12 +198,10 @@ def test_new_post_norm_layers_zero_the_post_norm_gain_not_the_writer(sources, tm
 def test_cli_verifies_new_families_on_real_text(smollm2_dir, tmp_path, family, args):
     """The command end to end with its own verification (both models on the default texts, greedy text, sdpa) for
     a family of each new kind: tiny models with SmolLM2's vocabulary and tokenizer."""
-    from netmorph.sources import TOKENIZER_FILES
+    from transformers import AutoTokenizer
 
     source = save_tiny(tmp_path / "src", family, vocab_size=49152, max_position_embeddings=512)
-    for name in TOKENIZER_FILES:
-        if (smollm2_dir / name).exists():
-            (source / name).write_bytes((smollm2_dir / name).read_bytes())
+    AutoTokenizer.from_pretrained(str(smollm2_dir)).save_pretrained(source)
     out = tmp_path / "grown"
     result = run_cli("grow", source, "-o", out, *args)
     assert result.exit_code == 0, result.output

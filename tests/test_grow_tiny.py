@@ -154,12 +154,10 @@ def test_rope_type_whose_frequencies_depend_on_head_dim_is_refused(tmp_path):
 def test_cli_grows_verifies_and_writes_a_model_card(smollm2_dir, tmp_path):
     """The command end to end with its own verification (float64, the default texts, greedy text): a tiny Llama
     with SmolLM2's vocabulary and tokenizer, so verification runs on real text in seconds."""
-    from netmorph.sources import TOKENIZER_FILES
+    from transformers import AutoTokenizer
 
     source = save_tiny(tmp_path / "src", "llama", vocab_size=49152)
-    for name in TOKENIZER_FILES:
-        if (smollm2_dir / name).exists():
-            (source / name).write_bytes((smollm2_dir / name).read_bytes())
+    AutoTokenizer.from_pretrained(str(smollm2_dir)).save_pretrained(source)
     out = tmp_path / "grown"
     result = run_cli("grow", source, "-o", out, "--num-layers", "3", "--hidden-size", "45", "--head-dim", "10")
     assert result.exit_code == 0, result.output

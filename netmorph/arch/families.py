@@ -298,6 +298,11 @@ VERBS = {"convert-diff-transformer": "convert", "grow": "grow", "qkv-layout": "c
 def spec_for(model_type: str, command: str | None = None) -> ArchSpec:
     """The family's spec; with `command`, a one-line error naming the families that command covers."""
     covered = COMMANDS.get(command, tuple(FAMILIES)) if command else tuple(FAMILIES)
+    if model_type.startswith("netmorph_diff"):
+        raise NetmorphError(
+            f"this is already a netmorph differential-attention checkpoint (model_type {model_type!r}), which "
+            f"{command or 'netmorph'} does not take as a source: run it on the original model instead"
+        )
     if model_type not in covered:
         what = f"{command} supports" if command else "netmorph knows"
         raise NetmorphError(

@@ -7,7 +7,9 @@ Shapes and dtypes come from the shard headers without reading any data (`describ
 
 import errno
 import json
+import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,23 @@ import torch
 
 from netmorph.errors import NetmorphError
 
+log = logging.getLogger("netmorph")
+
 INDEX_NAME = "model.safetensors.index.json"
+# Buffers older checkpoints saved that transformers never reads (it drops them on load): RoPE frequencies
+# (`rotary_emb.inv_freq`) and the causal-mask buffers of GPT-2 (`attn.bias`, `attn.masked_bias`) and GPT-NeoX
+# (`attention.bias`, `attention.masked_bias`). Readers leave them out, so no command trips over them.
+STALE_BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.(masked_)?bias|attention\.(masked_)?bias)$")
+
+
+def drop_stale_buffers(names: list[str], where) -> list[str]:
+    """`names` without STALE_BUFFERS (logged once per checkpoint)."""
+    kept = [name for name in names if not STALE_BUFFERS.search(name)]
+    if len(kept) != len(names):
+        dropped = next(name for name in names if STALE_BUFFERS.search(name))
+        log.info("ignoring %d buffers of %s that transformers does not read (e.g. %s)", len(names) - len(kept), where,
+                 dropped)
+    return kept
 # After each tensor, ask the kernel to start reading this much of what follows in the file (tensors are consumed
 # roughly in file order): the disk works while the caller converts. Page cache, not this process's memory.
 READ_AHEAD_BYTES = 256 * 2**20
@@ -196,6 +214,8 @@ class SafetensorsReader(TensorReader):
                     f"{directory} has {len(files)} safetensors files but no {INDEX_NAME}: re-download the checkpoint"
                 )
             self._shard_of = {name: files[0].name for name in check_safetensors_file(files[0])}
+        kept = set(drop_stale_buffers(list(self._shard_of), directory))
+        self._shard_of = {name: shard for name, shard in self._shard_of.items() if name in kept}
         self._headers: dict[str, tuple[int, dict]] = {}
         self._open_name: str | None = None
         self._open_file = None
@@ -251,7 +271,8 @@ class StateDictReader(TensorReader):
     """Tensors already in memory (a dequantized GGUF file, an explicitly allowed pickle checkpoint)."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor]):
-        self._tensors = state_dict
+        kept = set(drop_stale_buffers(list(state_dict), "the checkpoint"))
+        self._tensors = {name: tensor for name, tensor in state_dict.items() if name in kept}
 
     def keys(self) -> list[str]:
         return list(self._tensors)

@@ -46,6 +46,17 @@ class PlanRecorder:
         self.specs.append(TensorSpec(name, tuple(tensor.shape), tensor.dtype))
 
 
+class CastingWriter:
+    """Wraps a writer so that every floating-point tensor is stored in `dtype` (an output dtype other than the
+    source's). It has no `add_file_range`, so tensors kept as they are are read and cast, not copied as bytes."""
+
+    def __init__(self, writer, dtype: torch.dtype):
+        self.writer, self.dtype = writer, dtype
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+
+
 def plan_output(produce: Callable[[PlanRecorder], None]) -> list[TensorSpec]:
     """The output plan of `produce(writer)`: call it with a recorder (it should read from a `MetaReader`)."""
     recorder = PlanRecorder()

@@ -5,6 +5,7 @@ runs it on several GPUs (DDP/FSDP/DeepSpeed configured through accelerate) with 
 """
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import asdict, dataclass
@@ -19,6 +20,9 @@ from netmorph.options import DatasetEntry, TrainingYaml
 from netmorph.sources import Source, read_yaml, resolve_source
 from netmorph.train.callbacks import DiffAttnMonitorCallback, DiffAttnWarmupCallback, diff_attention_modules
 from netmorph.train.data import BlockDataset, pack, read_documents
+from netmorph.verify import clip_to_context, context_length
+
+log = logging.getLogger("netmorph")
 
 
 def load_training_yaml(path: str | Path) -> tuple[TrainingYaml, Source]:
@@ -68,6 +72,11 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     if settings.val_set_size and settings.test_datasets:
         raise NetmorphError(f"{config_path}: val_set_size and test_datasets conflict: keep one of them")
 
+    precision = training_precision(settings, source, config_path)
+    limit = context_length(source.config)
+    if limit is not None and settings.sequence_len > limit:
+        raise NetmorphError(f"{config_path}: sequence_len {settings.sequence_len} is longer than the model's context "
+                            f"({limit} tokens, max_position_embeddings): set sequence_len to at most {limit}")
     tokenizer = source.load_tokenizer()
     blocks = dataset_blocks(tokenizer, settings.datasets, settings.sequence_len, config_dir)
     eval_blocks = None
@@ -79,7 +88,7 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
             raise NetmorphError(f"{config_path}: val_set_size {settings.val_set_size} leaves no training blocks")
         blocks, eval_blocks = blocks[:-held_out], blocks[-held_out:]
 
-    model = source.load_model("sdpa")
+    model = source.load_model("sdpa").to(precision.train_dtype)
     model.config.use_cache = False
     is_diff = bool(diff_attention_modules(model))
     if settings.diff_attention and not is_diff:
@@ -107,7 +116,9 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         eval_steps=settings.eval_steps,
         seed=settings.seed,
         report_to=settings.report_to,
-        bf16=settings.bf16 is True or (settings.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        bf16=precision.bf16_autocast,
+        fp16=precision.fp16_autocast,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         **_checkpointing_argument(TrainingArguments, settings.gradient_checkpointing),
@@ -133,10 +144,48 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         checkpoint = None  # nothing to resume yet: start fresh
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_blocks is not None else None
+    model.to(precision.save_dtype)
+    log.info("saving the model in %s (%s)", str(precision.save_dtype).removeprefix("torch."), precision.save_reason)
     save_model(trainer, source, out)
     modules = diff_attention_modules(model)
     return TrainResult(str(out), trainer.state.global_step, result.training_loss, eval_loss,
                        modules[0].mix.item() if modules and hasattr(modules[0], "mix") else None)
+
+
+@dataclass
+class Precision:
+    train_dtype: torch.dtype
+    save_dtype: torch.dtype
+    save_reason: str
+    bf16_autocast: bool
+    fp16_autocast: bool
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def training_precision(settings, source: Source, config_path) -> Precision:
+    """The dtypes a run trains and saves in, from axolotl's precision keys (TrainingYaml), the hardware and the base
+    model. Raises NetmorphError for a combination the machine cannot run (fp16 autocast without CUDA, two dtypes)."""
+    pure = [name for name in ("bfloat16", "float16", "float32") if getattr(settings, name)]
+    if len(pure) > 1 or (settings.bf16 is True and settings.fp16):
+        chosen = pure + [name for name in ("bf16", "fp16") if getattr(settings, name) is True]
+        raise NetmorphError(f"{config_path}: {' and '.join(chosen)} conflict: choose one precision")
+    cuda = torch.cuda.is_available()
+    if settings.fp16 and not cuda:
+        raise NetmorphError(f"{config_path}: fp16: true needs a CUDA GPU (fp16 mixed precision), and this machine has "
+                            "none: use bf16: true (bf16 autocast runs on the CPU) or drop fp16")
+    bf16 = settings.bf16 is True or (settings.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported())
+    if bf16 and cuda and not torch.cuda.is_bf16_supported():
+        raise NetmorphError(f"{config_path}: bf16: true needs a GPU with bf16 support (Ampere or newer): use fp16: true")
+    if bf16 and not cuda:
+        log.info("bf16: true on a machine without CUDA: training with CPU bf16 autocast")
+    if pure:
+        dtype = getattr(torch, pure[0])
+        return Precision(dtype, dtype, f"{pure[0]}: true in the YAML", bf16, settings.fp16)
+    base = source.stored_dtype()
+    return Precision(torch.float32, base, "the base model's dtype; set float32: true in the YAML to keep fp32",
+                     bf16, settings.fp16)
 
 
 def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
@@ -190,6 +239,8 @@ def evaluate(model_or_config: str, dataset: str, compare: str | None = None, seq
     tokenizer = sources[0].load_tokenizer()
     if compare:
         _check_same_vocab(tokenizer, sources[1], model_or_config, compare)
+    sequence_len = clip_to_context(sequence_len, context_length(*(source.config for source in sources)),
+                                   "evaluation blocks")
     blocks = pack(tokenizer, read_documents(dataset, field), sequence_len)[:max_blocks]
     results = []
     for name, source in zip([model_or_config, compare], sources):
