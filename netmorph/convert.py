@@ -68,9 +68,7 @@ class ConversionResult:
 
 def head_counts(config, spec: ArchSpec) -> tuple[int, int, int]:
     """(query heads H, KV heads G, head_dim d) of a source config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, spec.num_kv_heads(config), head_dim
+    return config.num_attention_heads, spec.num_kv_heads(config), spec.head_dim(config)
 
 
 def check_convertible(config, spec: ArchSpec, options: ConvertOptions) -> None:

@@ -87,7 +87,7 @@ def source_dims(config, spec: ArchSpec) -> Dims:
         intermediate=getattr(config, spec.field("intermediate_size"), None) or 4 * hidden,
         heads=heads,
         kv_heads=spec.num_kv_heads(config),
-        head_dim=(getattr(config, "head_dim", None) if spec.free_head_dim else None) or hidden // heads,
+        head_dim=spec.head_dim(config),
         hidden=hidden,
     )
 
@@ -197,7 +197,7 @@ def _rope_updates(config, spec: ArchSpec, source: Dims, target: Dims) -> tuple[i
     """(rotary dims per head, config updates) for head_dim growth; learned positions rotate nothing."""
     if spec.rope_kind(config) in ("none", "alibi"):
         return 0, {}
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = spec.rope_parameters(config)
     prf = rope.get("partial_rotary_factor", 1.0) or 1.0
     rotary_dims = int(source.head_dim * prf)
     if target.head_dim == source.head_dim:

@@ -116,31 +116,27 @@ def qkv_names(spec: ArchSpec, layout: str, heads: Heads) -> tuple[str, ...]:
 
 # ── Llama / Mistral ↔ Phi-3: the same model when the configs agree ──
 
-def _rope(config) -> dict:
-    return dict(getattr(config, "rope_parameters", None) or {})
-
-
 def phi3_misfits(spec: ArchSpec, config, reader: TensorReader) -> list[str]:
     """Why the stock Phi-3 class would not compute this Llama/Mistral model (empty: it would)."""
     reasons = []
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = spec.head_dim(config)
     if head_dim * config.num_attention_heads != config.hidden_size:
         reasons.append(f"head_dim {head_dim} × {config.num_attention_heads} heads ≠ hidden_size {config.hidden_size}")
     if any(name.endswith(".bias") for name in reader.keys()) or getattr(config, "attention_bias", False) \
             or getattr(config, "mlp_bias", False):
         reasons.append("it has biases")
-    if _rope(config).get("rope_type", "default") != "default":
-        reasons.append(f"rope_type {_rope(config)['rope_type']!r}")
+    if ArchSpec.rope_parameters(config).get("rope_type", "default") != "default":
+        reasons.append(f"rope_type {ArchSpec.rope_parameters(config)['rope_type']!r}")
     return reasons
 
 
 def llama_misfits(config) -> list[str]:
     """Why the stock Llama / Mistral class would not compute this Phi-3 model (empty: it would)."""
     reasons = []
-    if _rope(config).get("partial_rotary_factor", 1.0) != 1.0:
-        reasons.append(f"partial_rotary_factor {_rope(config)['partial_rotary_factor']} (Llama rotates all of head_dim)")
-    if _rope(config).get("rope_type", "default") != "default":
-        reasons.append(f"rope_type {_rope(config)['rope_type']!r}")
+    if ArchSpec.rope_parameters(config).get("partial_rotary_factor", 1.0) != 1.0:
+        reasons.append(f"partial_rotary_factor {ArchSpec.rope_parameters(config)['partial_rotary_factor']} (Llama rotates all of head_dim)")
+    if ArchSpec.rope_parameters(config).get("rope_type", "default") != "default":
+        reasons.append(f"rope_type {ArchSpec.rope_parameters(config)['rope_type']!r}")
     for name in ("resid_pdrop", "embd_pdrop"):
         if getattr(config, name, 0.0):
             reasons.append(f"{name} {getattr(config, name)} (Llama has no such dropout)")
@@ -148,7 +144,7 @@ def llama_misfits(config) -> list[str]:
 
 
 def _shared_config_fields(config) -> dict:
-    rope = {"rope_type": "default", "rope_theta": _rope(config).get("rope_theta", 10000.0)}
+    rope = {"rope_type": "default", "rope_theta": ArchSpec.rope_parameters(config).get("rope_theta", 10000.0)}
     names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
              "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")

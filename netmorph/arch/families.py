@@ -169,6 +169,18 @@ class ArchSpec:
     def is_tied(self, config) -> bool:
         return bool(getattr(config, "tie_word_embeddings", self.tied))
 
+    @staticmethod
+    def head_dim(config) -> int:
+        """head_dim as the stock models derive it: the config's own field when it is set (it is often absent or null
+        in real config.json files), else hidden_size / num_attention_heads."""
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @staticmethod
+    def rope_parameters(config) -> dict:
+        """A copy of the config's RoPE parameters (transformers ≥ 5 reads a legacy top-level `rope_theta` /
+        `rope_scaling` into `rope_parameters`); {} for learned positions."""
+        return dict(getattr(config, "rope_parameters", None) or {})
+
     def num_kv_heads(self, config) -> int:
         heads = config.num_attention_heads
         if self.kv_heads == "heads":
