@@ -84,6 +84,7 @@ class LayoutResult:
     output_dir: Path
     plan: LayoutPlan
     round_trip_tensors: int = 0
+    layout_problems: list[str] = field(default_factory=list)  # what the bit-level checks found (empty: none)
     reports: list = field(default_factory=list)  # VerifyReport, or LayerwiseReport when verified layer by layer
 
 
@@ -275,8 +276,9 @@ def convert_tensors(reader: TensorReader, plan: LayoutPlan, writer) -> None:
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
 
 
-def check_round_trip(source_reader: TensorReader, output_dir: Path, plan: LayoutPlan) -> int:
-    """Read the written layers back, convert them back, and require the source's bits. Returns tensors checked."""
+def check_round_trip(source_reader: TensorReader, output_dir: Path, plan: LayoutPlan) -> tuple[int, str | None]:
+    """Read the written layers back, convert them back, and require the source's bits. Returns (tensors checked,
+    the first that does not come back, or None)."""
     written = SafetensorsReader(output_dir)
     inverse = plan.inverse()
     checked = 0
@@ -284,10 +286,63 @@ def check_round_trip(source_reader: TensorReader, output_dir: Path, plan: Layout
         for name, tensor in convert_layer(written, inverse, layer_idx).items():
             original = source_reader.get(name)
             if original.dtype != tensor.dtype or not torch.equal(original, tensor):
-                raise NetmorphError(f"{name} does not convert back to its source bits: nothing was written "
-                                    "(please report this as a bug)")
+                return checked, f"{name} does not convert back to its source bits"
             checked += 1
-    return checked
+    return checked, None
+
+
+def row_order(layout: str, heads: Heads, head_dim: int) -> list[tuple[str, int, int]]:
+    """(kind, head, row) of every row of a q/k/v projection in `layout`, from the layouts' definitions (the table in
+    netmorph/ops/qkv_layout.py), written as plain loops: the independent account `check_row_placement` holds the
+    streamed rearrangement to. For "separate" the q, k and v tensors are taken one after the other."""
+    H, G, d, r = heads.num_heads, heads.num_kv_heads, head_dim, heads.per_group
+    if layout in ("separate", "sequential"):
+        return ([("q", h, i) for h in range(H) for i in range(d)] + [("k", g, i) for g in range(G) for i in range(d)]
+                + [("v", g, i) for g in range(G) for i in range(d)])
+    order = []  # grouped (interleaved is grouped with one query head per group)
+    for g in range(G):
+        order += [("q", g * r + j, i) for j in range(r) for i in range(d)]
+        order += [("k", g, i) for i in range(d)] + [("v", g, i) for i in range(d)]
+    return order
+
+
+def check_row_placement(source_reader: TensorReader, output_dir: Path, plan: LayoutPlan) -> str | None:
+    """Every q/k/v row of the output sits where the target layout's definition puts the source row of that kind,
+    head and index (`row_order` of both layouts), bit for bit. Returns the first misplaced row, or None.
+    Independent of the conversion code: a permutation that is wrong the same way in both directions passes the
+    round trip but not this."""
+    written = SafetensorsReader(output_dir)
+    for layer_idx in range(plan.num_layers):
+        for kind in ("weight", "bias"):
+            source = _stacked_rows(source_reader, plan, layer_idx, kind, source_side=True)
+            output = _stacked_rows(written, plan, layer_idx, kind, source_side=False)
+            if source is None and output is None:
+                continue
+            if source is None or output is None or source.shape != output.shape:
+                return f"layer {layer_idx}: the q/k/v {kind}s of the output do not match the source's in shape"
+            d = source.shape[0] // (plan.heads.num_heads + 2 * plan.heads.num_kv_heads)
+            position = {row: n for n, row in enumerate(row_order(plan.source_layout, plan.heads, d))}
+            target = row_order(plan.target_layout, plan.heads, d)
+            expected = source[torch.tensor([position[row] for row in target])]
+            if not torch.equal(expected, output):
+                n = next(n for n in range(len(target)) if not torch.equal(expected[n], output[n]))
+                kind_of, head, index = target[n]
+                return (f"layer {layer_idx} {kind} row {n} does not hold {kind_of} head {head} row {index} of the "
+                        f"source, where the {plan.target_layout} layout puts it")
+    return None
+
+
+def _stacked_rows(reader: TensorReader, plan: LayoutPlan, layer_idx: int, kind: str, source_side: bool):
+    """One layer's q/k/v rows as one tensor (separate q, k, v concatenated; a Conv1D weight transposed to rows)."""
+    spec, names = (plan.source_spec, plan.source_qkv) if source_side else (plan.target_spec, plan.target_qkv)
+    prefix = spec.layer_prefix.format(i=layer_idx)
+    present = [f"{prefix}{name}.{kind}" for name in names if f"{prefix}{name}.{kind}" in reader]
+    if not present:
+        return None
+    tensors = [reader.get(name) for name in present]
+    if kind == "weight" and "qkv" in spec.transposed:
+        tensors = [tensor.T for tensor in tensors]
+    return torch.cat(tensors, dim=0)
 
 
 # ── verification, model card, the command ──
@@ -329,8 +384,11 @@ def write_model_card(directory: Path, source: Source, plan: LayoutPlan, result: 
             f"{plan.source_spec.qkv_layout} -o DIR`.",
         ]
     lines += ["", "## Verification", ""]
-    if result.round_trip_tensors:
-        lines.append(f"- {result.round_trip_tensors} written tensors read back and converted back: the source's bits.")
+    for problem in result.layout_problems:
+        lines.append(f"- **Verification FAILED**: {problem}. Please report it with this card.")
+    if result.round_trip_tensors and not result.layout_problems:
+        lines.append(f"- {result.round_trip_tensors} written tensors read back and converted back: the source's bits; "
+                     f"every q/k/v row sits where the {plan.target_layout} layout's definition puts it.")
     if result.reports:
         lines += ["", *card_lines(result.reports)[2:]]
     if not result.round_trip_tensors and not result.reports:
@@ -361,14 +419,17 @@ def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, op
         source.save_tokenizer(tmp)
         source.save_generation_config(tmp)
         if options.verify or options.debug:
-            result.round_trip_tensors = check_round_trip(reader, tmp, plan)
-            log.info("round trip: %d written tensors convert back to the source's bits", result.round_trip_tensors)
+            result.round_trip_tensors, problem = check_round_trip(reader, tmp, plan)
+            result.layout_problems = [p for p in (problem, check_row_placement(reader, tmp, plan)) if p]
+            if not result.layout_problems:
+                log.info("round trip: %d written tensors convert back to the source's bits; every q/k/v row sits "
+                         "where the %s layout puts it", result.round_trip_tensors, plan.target_layout)
             whole = plan.stock and plan.source_stock and whole_models_fit(reader)
             if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
                 result.reports.append(verify_logits(source, tmp, plan, options, layerwise=not whole))
                 check_tokenizer(result.reports[-1], source, tmp)
         write_model_card(tmp, source, plan, result)
-    problem = failure(result.reports)
+    problem = "; ".join(filter(None, [*result.layout_problems, failure(result.reports)]))
     if problem:  # a layout change is exact: the checkpoint stays (its card says FAILED) for the bug report
         raise VerificationFailed(problem, result)
     return result

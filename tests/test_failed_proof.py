@@ -46,8 +46,9 @@ def plant_fault(monkeypatch, command: str) -> None:
             return corrupt(original(reader, plan, layer_idx), layer_idx, "qkv_proj.weight")
 
         monkeypatch.setattr(netmorph.qkv_layout, "convert_layer", faulty)
-        # the bit-level round trip would catch this first; the logit/generation proof is what is tested here
-        monkeypatch.setattr(netmorph.qkv_layout, "check_round_trip", lambda *args: 0)
+        # the bit-level checks would catch this first; the logit/generation proof is what is tested here
+        monkeypatch.setattr(netmorph.qkv_layout, "check_round_trip", lambda *args: (0, None))
+        monkeypatch.setattr(netmorph.qkv_layout, "check_row_placement", lambda *args: None)
 
 
 COMMANDS = {
@@ -92,4 +93,26 @@ def test_generations_that_differ_fail_an_exact_mode_even_within_the_logit_tolera
     assert result.exit_code == 1, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("FAILED: greedy generation differs for"), result.output
+    assert "**Verification FAILED**" in (out / "README.md").read_text()
+
+
+def test_a_permutation_wrong_the_same_way_both_ways_is_caught_by_the_row_placement_check(tmp_path, monkeypatch):
+    """A grouped fuse that stores the KV groups in reverse order, and a split that reads them back the same way: the
+    round trip gives the source's bits back, no stock class reads the grouped layout of a Llama (so no logits can
+    be compared), and only the independent account of where each row belongs sees it."""
+    import netmorph.ops.qkv_layout as ops
+
+    fuse, split = ops.fuse_grouped, ops.split_grouped
+
+    def reversed_groups(tensor, heads):  # (G, rows per group, ...) with the groups in reverse order
+        return tensor.reshape(heads.num_kv_heads, -1, *tensor.shape[1:]).flip(0).reshape(tensor.shape)
+
+    monkeypatch.setattr(ops, "fuse_grouped", lambda q, k, v, heads: reversed_groups(fuse(q, k, v, heads), heads))
+    monkeypatch.setattr(ops, "split_grouped", lambda fused, heads: split(reversed_groups(fused, heads), heads))
+    source = save_char_tokenizer(save_tiny_model(tmp_path / "src", "llama"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["qkv-layout", str(source), "-o", str(out), "--to", "grouped",
+                                       "--allow-non-stock"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAILED: layer 0 weight row 0 does not hold q head 0")
     assert "**Verification FAILED**" in (out / "README.md").read_text()

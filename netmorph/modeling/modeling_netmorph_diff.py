@@ -111,7 +111,10 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
         attn_weights = torch.tanh(attn_weights / softcap) * softcap
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Softmax in at least fp32 (half-precision scores would round), in float64 for a float64 model: fp32 would turn
+    # its finfo.min mask entries into −inf and fully masked rows into NaN.
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32))
+    attn_weights = attn_weights.to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -247,10 +250,11 @@ class NetmorphDiffAttention(nn.Module):
         self.subln = RMSNorm(value_dim, eps=features.norm_eps) if config.sublayer_norm else None
 
     def lambda_full(self) -> torch.Tensor:
-        """The effective λ (fp32 scalar), mix included."""
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
-        return self.mix.float() * (lambda_1 - lambda_2 + self.lambda_init.float())
+        """The effective λ, mix included: a scalar in fp32 (float64 for a float64 model), whatever the weights' dtype."""
+        dtype = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        q1, k1, q2, k2 = (vector.to(dtype) for vector in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        lambda_1, lambda_2 = torch.exp(torch.sum(q1 * k1)), torch.exp(torch.sum(q2 * k2))
+        return self.mix.to(dtype) * (lambda_1 - lambda_2 + self.lambda_init.to(dtype))
 
     def forward(
         self,
