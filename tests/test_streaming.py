@@ -15,7 +15,7 @@ from netmorph.arch import spec_for
 from netmorph.convert import convert_tensors, recipe_from, target_config, use_layerwise_verify
 from netmorph.io.reader import MetaReader, SafetensorsReader, StateDictReader, TensorSpec
 from netmorph.io.streaming import StreamingWriter, plan_output
-from netmorph.io.writer import ShardedWriter
+from tests.reference.sharded_safetensors import Collector, write_sharded
 from netmorph.modeling.modeling_netmorph_diff import family_model_class
 from netmorph.options import ConvertOptions, parse_size
 from netmorph.sources import default_texts, resolve_source
@@ -66,12 +66,11 @@ def test_streaming_writer_shards_like_in_memory_writer(tmp_path):
     plan = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     for directory in ("memory", "streaming"):
         (tmp_path / directory).mkdir()
-    memory = ShardedWriter(tmp_path / "memory", max_shard_bytes=64)
     streaming = StreamingWriter(tmp_path / "streaming", plan, max_shard_bytes=64)
     for name, tensor in tensors.items():
-        memory.add(name, tensor)
         streaming.add(name, tensor)
-    assert [p.name for p in memory.finish()] == [p.name for p in streaming.finish()]
+    expected = write_sharded(tensors, tmp_path / "memory", max_shard_bytes=64)
+    assert [p.name for p in expected] == [p.name for p in streaming.finish()]
     assert len(sha256s(tmp_path / "streaming")) > 3  # several shards and the index
     assert sha256s(tmp_path / "memory") == sha256s(tmp_path / "streaming")
 
@@ -98,7 +97,8 @@ MODES = {"default": {}, "mirror": {"mirror_weights": True}, "split": {"split_hea
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_conversion_is_byte_identical_to_in_memory_conversion(tmp_path, mode):
     """The production path (meta plan + StreamingWriter, bf16 source read from headers) writes the same weight
-    files, shard split and index as converting into the in-memory ShardedWriter (the writer before streaming)."""
+    files, shard split and index as the conversion's tensors saved by safetensors' own `save_file`, shard by shard
+    (tests/reference/sharded_safetensors.py)."""
     source = save_tiny_model(tmp_path / "src", "qwen2", num_attention_heads=6, num_key_value_heads=2,
                              tie_word_embeddings=False)
     state = load_file(str(source / "model.safetensors"))
@@ -111,9 +111,9 @@ def test_streamed_conversion_is_byte_identical_to_in_memory_conversion(tmp_path,
     spec = spec_for(resolved.config.model_type)
     config = target_config(resolved.config, spec, options, torch.bfloat16)
     (tmp_path / "memory").mkdir()
-    writer = ShardedWriter(tmp_path / "memory", parse_size(options.max_shard_size))
-    convert_tensors(SafetensorsReader(source), config, spec, recipe_from(options), writer, options.seed)
-    writer.finish()
+    collected = Collector()
+    convert_tensors(SafetensorsReader(source), config, spec, recipe_from(options), collected, options.seed)
+    write_sharded(collected.tensors, tmp_path / "memory", parse_size(options.max_shard_size))
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2
     assert sha256s(tmp_path / "streamed") == reference
@@ -351,7 +351,7 @@ GROW_CASES = {
 @pytest.mark.parametrize("case", GROW_CASES)
 def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     """`grow` plans on meta tensors and streams (unchanged layers copied file to file): the same weight files,
-    shard split and index as growing a bf16 checkpoint into the in-memory ShardedWriter, tensor by computed tensor."""
+    shard split and index as the growth's tensors (bf16) saved by safetensors' own `save_file`, shard by shard."""
     from netmorph.arch import spec_for
     from netmorph.grow import grow_tensors, plan_growth
     from netmorph.options import GrowOptions
@@ -366,9 +366,9 @@ def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     spec = spec_for(family, "grow")
     plan = plan_growth(resolved.config, spec, options)
     (tmp_path / "memory").mkdir()
-    writer = ShardedWriter(tmp_path / "memory", parse_size(options.max_shard_size))
-    grow_tensors(SafetensorsReader(source), plan, spec.is_tied(resolved.config), writer, options)
-    writer.finish()
+    collected = Collector()
+    grow_tensors(SafetensorsReader(source), plan, spec.is_tied(resolved.config), collected, options)
+    write_sharded(collected.tensors, tmp_path / "memory", parse_size(options.max_shard_size))
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2
     assert sha256s(tmp_path / "streamed") == reference

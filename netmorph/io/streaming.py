@@ -7,7 +7,7 @@ each tensor's offset fixed) and writes each tensor to its place on disk the mome
 only the tensors being converted, whatever the model size.
 
 The files are byte-identical to what `safetensors.torch.save_file` writes for the same tensors (same header,
-same data order), with the same shard split as `ShardedWriter`, so the output does not depend on the writer.
+same data order); a new shard starts whenever the next tensor would push the current one past the limit.
 """
 
 import ctypes

@@ -1,76 +1,15 @@
-"""Sharded safetensors writer and the atomic output directory (temp dir → rename, nothing partial left behind)."""
+"""The output directory: checked before any work, written atomically (temp dir → rename, nothing partial left behind)."""
 
 import contextlib
 import errno
 import glob
-import json
 import os
-import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
-
 from netmorph.errors import NetmorphError
-from netmorph.io.reader import INDEX_NAME
-
-
-class ShardedWriter:
-    """Collects tensors and flushes a shard whenever the next tensor would exceed `max_shard_bytes`.
-
-    Shards get their final `model-0000i-of-0000n` names in `finish()`, when n is known; a single shard becomes
-    `model.safetensors` with no index.
-    """
-
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self._shards):05d}.partial"
-        try:
-            save_file(self._pending, str(path), metadata={"format": "pt"})
-        except SafetensorError as e:  # an I/O failure inside the Rust writer: hand it on as the OSError it is
-            code = re.search(r"os error (\d+)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
-    def finish(self) -> list[Path]:
-        if self._pending or not self._shards:
-            self._flush()
-        if len(self._shards) == 1:
-            final = self.directory / "model.safetensors"
-            self._shards[0][0].rename(final)
-            return [final]
-        n = len(self._shards)
-        weight_map, files = {}, []
-        for i, (path, names) in enumerate(self._shards, start=1):
-            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(final)
-            files.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return files
 
 
 def check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
