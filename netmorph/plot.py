@@ -44,7 +44,12 @@ def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_training(run_dirs: list[str | Path], output: str | Path, size: tuple[float, float] = (15, 4.5)) -> Path:
     """Loss of every run (train and eval) and, for differential-attention runs, λ and the mix and the attention
-    entropies of the monitored layers, side by side."""
+    entropies of the monitored layers, side by side; written as a PNG of size × DPI pixels."""
+    return _save(training_figure(run_dirs, size), output)
+
+
+def training_figure(run_dirs: list[str | Path], size: tuple[float, float] = (15, 4.5)):
+    """The matplotlib figure of `plot_training` (three axes: loss, λ and mix, entropy)."""
     plt = _pyplot()
     histories = {Path(d).name or str(d): read_log_history(d) for d in run_dirs}
     figure, (loss_axis, lambda_axis, entropy_axis) = plt.subplots(1, 3, figsize=size, dpi=DPI)
@@ -63,7 +68,7 @@ def plot_training(run_dirs: list[str | Path], output: str | Path, size: tuple[fl
     _finish(loss_axis, "loss", "step", "loss")
     _finish(lambda_axis, "λ_full and mix", "step", "value")
     _finish(entropy_axis, "attention entropy (nats)", "step", "entropy")
-    return _save(figure, output)
+    return figure
 
 
 def _finish(axis, title: str, xlabel: str, ylabel: str) -> None:
@@ -119,7 +124,14 @@ def _describe(lam) -> str:
 def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, output: str | Path,
                    size: tuple[float, float] = (15, 5)) -> Path:
     """The paper's picture: positive, negative and differential (pos − λ·neg) attention of one layer for a prompt,
-    for one head or averaged over heads."""
+    for one head or averaged over heads; written as a PNG of size × DPI pixels."""
+    return _save(attention_figure(model, tokenizer, prompt, layer, head, size), output)
+
+
+def attention_figure(model, tokenizer, prompt: str, layer: int, head: int | None,
+                     size: tuple[float, float] = (15, 5)):
+    """The matplotlib figure of `plot_attention`: three axes, each one image of a (T, T) map (keys → columns,
+    queries ↓ rows), in the order positive, negative, differential."""
     plt = _pyplot()
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     input_ids = input_ids[:, :clip_to_context(input_ids.shape[1], context_length(model.config), "the prompt")]
@@ -146,4 +158,4 @@ def plot_attention(model, tokenizer, prompt: str, layer: int, head: int | None, 
             axis.set_yticks(range(len(tokens)), tokens, fontsize=6)
     which = f"head {head}" if head is not None else "mean over heads"
     figure.suptitle(f"layer {layer}, {which}: keys → (columns), queries ↓ (rows)")
-    return _save(figure, output)
+    return figure

@@ -128,15 +128,35 @@ def test_uncovered_family_lists_the_covered_ones(command, words):
     ("llama", {}), ("olmo2", {}),
 ])
 def test_sliding_window_rule_matches_the_stock_layers(name, overrides):
-    """ArchSpec.layer_types (what convert writes into the differential config) agrees with the windows the stock
-    model's attention layers actually use."""
-    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides))
+    """ArchSpec.layer_types (what convert writes into the differential config) agrees with what each stock attention
+    layer does: a layer slides iff its output at the last of 12 positions (window 7 or none) does not change when
+    its input at position 0 changes (hooks perturb the input of that one layer)."""
+    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides)).eval()
     spec = FAMILIES[model.config.model_type]
-    window = getattr(model.config, "sliding_window", None)
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(0))
     actual = []
     for layer in model.model.layers:
-        per_layer = getattr(layer.self_attn, "sliding_window", None) if spec.sliding == "layer_types" else window
-        actual.append("sliding_attention" if per_layer else "full_attention")
+        outputs = []
+
+        def perturb(module, args, kwargs):
+            if len(outputs) == 1:  # the second run: position 0 of this layer's input moves
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                hidden = hidden.clone()
+                hidden[:, 0] += 1.0
+                if "hidden_states" in kwargs:
+                    kwargs["hidden_states"] = hidden
+                else:
+                    args = (hidden, *args[1:])
+            return args, kwargs
+
+        handles = [layer.self_attn.register_forward_pre_hook(perturb, with_kwargs=True),
+                   layer.self_attn.register_forward_hook(lambda module, args, output: outputs.append(output[0][:, -1]))]
+        with torch.no_grad():
+            model(ids, use_cache=False)
+            model(ids, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        actual.append("full_attention" if not torch.equal(outputs[0], outputs[1]) else "sliding_attention")
     assert spec.layer_types(model.config) == actual
     if name in ("qwen2", "gemma2"):
         assert set(actual) == {"sliding_attention", "full_attention"}  # the case is not trivial

@@ -1,10 +1,12 @@
 """Fuzz the option and YAML parsers: any input gives a valid options object or one NetmorphError of one line —
-never another exception type. And through the CLI: any flags give exit status 2 and one `error:` line."""
+never another exception type. And through the CLI: any flags against a missing SOURCE give exit status 2 and one
+`error:` line; any flags against a real tiny source give a converted checkpoint (exit 0) or that one line."""
 
 import math
 import string
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
@@ -97,3 +99,38 @@ def test_cli_flags_from_any_argument_list(tmp_path, args):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert not Path(missing).exists()
+
+
+# Flags with values that parse, so that many combinations get past the parser and convert for real.
+real_flags = st.lists(st.sampled_from([
+    ["--split-heads"], ["--zero-init"], ["--mirror-weights"], ["--sublayer-norm"], ["--variant", "v2"],
+    ["--variant", "v1"], ["--lambda-start", "zero"], ["--negative-std", "0.5"], ["--lambda-std", "0"],
+    ["--seed", "7"], ["--max-shard-size", "4KB"], ["--tolerance", "1e-3"], ["--export", "diffllama"], ["--no-verify"],
+    ["--verify-mode", "layerwise"], ["--diffllama-anchor", "0"], ["--force"], ["--seed", "x"], ["--bogus"],
+]), max_size=4).map(lambda groups: [flag for group in groups for flag in group])
+
+
+@pytest.fixture(scope="module")
+def real_source(tmp_path_factory):
+    from tests.helpers import save_char_tokenizer, save_tiny_model
+
+    return save_char_tokenizer(save_tiny_model(tmp_path_factory.mktemp("fuzz") / "src", "llama",
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                               hidden_size=32, num_hidden_layers=1))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(real_flags)
+def test_cli_flags_on_a_real_tiny_source(real_source, tmp_path_factory, args):
+    """Exit 0 with a checkpoint, or exit 2 with one `error:` line and nothing at the output path — never a traceback
+    (catch_exceptions=False re-raises one), never exit 1 (every combination here is exact or reports)."""
+    out = tmp_path_factory.mktemp("out") / "converted"
+    result = CliRunner().invoke(main, ["convert-diff-transformer", str(real_source), "-o", str(out), *args],
+                                catch_exceptions=False)
+    if result.exit_code == 0:
+        assert (out / "config.json").exists() and list(out.glob("*.safetensors")), result.output
+        return
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not out.exists()

@@ -158,6 +158,68 @@ def test_plot_training_and_attention_write_pngs_of_the_expected_size(full_run, t
     assert (tmp_path / "attn.png").stat().st_size > 20_000 and (tmp_path / "training.png").stat().st_size > 20_000
 
 
+def rendered(figure):
+    """The figure's pixels (H, W, 3) as the PNG holds them, and a function from data coordinates of an axis to the
+    pixel there."""
+    import numpy as np
+
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+
+    def pixel(axis, x, y):
+        column, row = axis.transData.transform((x, y))
+        return image[image.shape[0] - 1 - int(round(row)), int(round(column))]
+
+    return image, pixel
+
+
+def near(pixel, colour, tolerance: int) -> bool:
+    """Every channel within `tolerance` of `colour` (8-bit rounding of the colour map; anti-aliased lines blend)."""
+    return max(abs(int(a) - int(b)) for a, b in zip(pixel, colour)) <= tolerance
+
+
+def test_the_attention_plot_shows_the_maps_data(full_run):
+    """The positive panel's brightest causal cell (head 0) is drawn in the colour map's top colour at that cell, a
+    future (masked) cell in its bottom colour."""
+    from matplotlib import colormaps
+    from transformers import AutoTokenizer
+
+    from netmorph.plot import attention_figure, attention_maps
+    from netmorph.sources import resolve_source
+
+    model = resolve_source(str(full_run)).load_model("sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(str(full_run))
+    prompt = "The quick brown fox."
+    figure = attention_figure(model, tokenizer, prompt, layer=1, head=0)
+    _, pixel = rendered(figure)
+    positive, _, _ = attention_maps(model, tokenizer(prompt, return_tensors="pt").input_ids, 1)
+    causal = torch.ones_like(positive[0], dtype=torch.bool).tril()
+    row, column = divmod(int(positive[0].masked_fill(~causal, -1).argmax()), positive.shape[-1])
+    top, bottom = (tuple(round(255 * c) for c in colormaps["viridis"](v)[:3]) for v in (1.0, 0.0))
+    positive_axis = figure.axes[0]
+    assert near(pixel(positive_axis, column, row), top, 2)
+    assert near(pixel(positive_axis, positive.shape[-1] - 1, 0), bottom, 2)  # the last key, seen by no early query
+
+
+def test_the_training_plot_draws_each_run_over_its_steps(full_run):
+    """The train-loss curve passes through its first and last logged points and ends there (white beyond)."""
+    from matplotlib.colors import to_rgb
+
+    from netmorph.plot import training_figure
+
+    figure = training_figure([full_run])
+    _, pixel = rendered(figure)
+    loss_axis = figure.axes[0]
+    line = next(line for line in loss_axis.lines if line.get_label().endswith("loss") and "eval" not in line.get_label())
+    steps, losses = line.get_xdata(), line.get_ydata()
+    colour = tuple(round(255 * c) for c in to_rgb(line.get_color()))
+    for step, loss in ((steps[0], losses[0]), (steps[-1], losses[-1])):
+        assert near(pixel(loss_axis, step, loss), colour, 12)
+    span = steps[-1] - steps[0]
+    assert near(pixel(loss_axis, steps[-1] + 0.1 * span, losses[-1]), (255, 255, 255), 0)
+    assert near(pixel(loss_axis, steps[0] - 0.1 * span, losses[0]), (255, 255, 255), 0)
+
+
 def test_plot_attention_rejects_a_model_without_differential_attention(tiny_diff, tmp_path):
     result = CliRunner().invoke(main, ["plot", "attention", str(tiny_diff / "tiny"), "-o", str(tmp_path / "a.png")])
     assert result.exit_code == 2 and "no differential attention" in result.output
