@@ -203,7 +203,7 @@ def plot_training_command(runs, output):
 def plot_attention_command(model, prompt, layer, head, output, trust_remote_code):
     """Positive, negative and differential attention maps of MODEL (a differential-attention checkpoint) for a
     prompt on one layer — the paper's noise-cancellation picture."""
-    import netmorph  # noqa: F401
+    import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
     from netmorph.plot import plot_attention
     from netmorph.sources import resolve_source
 

@@ -73,6 +73,8 @@ class Source:
         """The original model in fp32, loaded once and reused (its attention backend switched on demand)."""
         from transformers import AutoModelForCausalLM
 
+        import netmorph.auto  # noqa: F401  (a converted checkpoint as the model: its classes, no remote code)
+
         if self._model is None:
             if self.kind == "hf":
                 self._check_weight_files()

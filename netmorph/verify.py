@@ -288,7 +288,7 @@ def compare_models(
 def load_pair(original: str, converted: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
               allow_pickle: bool = False):
     """Two fp32 models from any netmorph SOURCEs (model dir, .gguf, YAML) and the tokenizer of the first that has one."""
-    import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+    import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
     from netmorph.sources import resolve_source
 
     sources = [resolve_source(p, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for p in (original, converted)]

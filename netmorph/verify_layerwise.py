@@ -131,7 +131,7 @@ class LayerByLayer:
     def __init__(self, path: str | Path, attn_implementation: str, trust_remote_code: bool):
         from transformers import AutoModelForCausalLM
 
-        import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+        import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
         from netmorph.sources import resolve_source
 
         self.source = resolve_source(path, trust_remote_code=trust_remote_code)

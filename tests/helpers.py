@@ -13,7 +13,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import netmorph  # noqa: F401  (registers the converted model classes)
+import netmorph.auto  # noqa: F401  (registers the converted model classes)
 from netmorph.convert import convert_diff_transformer
 from netmorph.options import ConvertOptions
 

@@ -82,3 +82,14 @@ def test_large_checkpoint_is_sharded_with_index(tmp_path, tiny_llama):
     from tests.helpers import load, max_logit_diff, random_ids
 
     assert max_logit_diff(load(tiny_llama), load(out), random_ids()) <= 1e-5
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers():
+    """`netmorph --help` and a flag error answer at once: the heavy imports happen where a model is loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from netmorph.cli import main; "
+            "r1 = CliRunner().invoke(main, ['--help']); r2 = CliRunner().invoke(main, ['grow', '--seed', 'x']); "
+            "print(r1.exit_code, r2.exit_code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "2", "False", "False"], result.stdout + result.stderr

@@ -72,3 +72,21 @@ def test_finiteness_check_survives_a_sum_that_overflows_and_names_the_bad_values
     large[7], large[9] = float("inf"), float("nan")
     with pytest.raises(NetmorphError, match="tensor large holds 1 NaN and 1 Inf values"):
         check_finite("large", large)
+
+
+def test_ops_import_no_transformers():
+    """The pure tensor functions import torch (and netmorph.errors) only: no modeling code, no transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, netmorph.ops.diff_attention, netmorph.ops.diff_v2, netmorph.ops.diffllama, "
+            "netmorph.ops.grow, netmorph.ops.qkv_layout; print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+def test_the_modeling_files_lambda_init_is_the_converters():
+    from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init as modeling
+    from netmorph.ops.diff_attention import paper_lambda_init as ops
+
+    assert all(modeling(layer) == ops(layer) for layer in range(128))

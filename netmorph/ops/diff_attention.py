@@ -11,14 +11,13 @@ component. o_proj columns are regrouped so that differential head j's 2d-wide ou
 model used for heads j and j + H/2.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from netmorph.ops.diff_v2 import convert_attention_tensors_v2
-
-from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init
 
 NegativeInit = Literal["normal", "zero", "mirror"]
 LambdaStart = Literal["paper", "zero"]
@@ -32,6 +31,13 @@ class DiffAttentionRecipe:
     lambda_start: LambdaStart = "paper"
     lambda_std: float = 0.1
     sublayer_norm: bool = False
+
+
+def paper_lambda_init(layer_idx: int) -> float:
+    """λ_init of layer `layer_idx` (0-based): 0.8 − 0.6·exp(−0.3·layer_idx) — the Differential Transformer paper's
+    0.8 − 0.6·exp(−0.3·(l − 1)) for the 1-based layer l (Ye et al. 2024, arXiv:2410.05258, §2.1). The modeling file
+    keeps its own copy: it must run without netmorph."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
 def negative_component(

@@ -26,8 +26,7 @@ import math
 
 import torch
 
-from netmorph.modeling.modeling_netmorph_diff import paper_lambda_init
-from netmorph.ops.diff_attention import NegativeInit, doubled_projection
+from netmorph.ops.diff_attention import NegativeInit, doubled_projection, paper_lambda_init
 
 
 def zero_lambda_vectors(layer_idx: int, head_dim: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

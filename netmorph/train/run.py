@@ -60,7 +60,7 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     `output_dir`, and return the final figures."""
     from transformers import Trainer, TrainingArguments
 
-    import netmorph  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+    import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
 
     settings, source = load_training_yaml(config_path)
     config_dir = Path(config_path).expanduser().resolve().parent
@@ -233,7 +233,7 @@ def evaluate(model_or_config: str, dataset: str, compare: str | None = None, seq
              max_blocks: int | None = None, field: str = "text", batch_size: int = 1,
              trust_remote_code: bool = False) -> list[EvalResult]:
     """Loss and perplexity of one model, or of two on the same token blocks (tokenized by the first model)."""
-    import netmorph  # noqa: F401
+    import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
 
     sources = [_evaluation_source(name, trust_remote_code) for name in [model_or_config] + ([compare] if compare else [])]
     tokenizer = sources[0].load_tokenizer()

@@ -28,7 +28,7 @@ class DifferentialTransformerPlugin(BasePlugin):
         return ARGS
 
     def pre_model_load(self, cfg) -> None:
-        import netmorph  # noqa: F401  (registers netmorph_diff with AutoConfig / AutoModelForCausalLM)
+        import netmorph.auto  # noqa: F401  (registers the netmorph_diff_* classes with AutoConfig / AutoModelForCausalLM)
 
     def post_model_load(self, cfg, model) -> None:
         if cfg.diff_attention and not diff_attention_modules(model):
