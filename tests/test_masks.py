@@ -256,18 +256,25 @@ def test_custom_attention_function_without_mask_function_is_refused_not_unmasked
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register("netmorph_test_sdpa", sdpa_attention_forward)
-    model = switched_on(converted["llama", "doubled"], "sdpa")
-    model.set_attn_implementation("netmorph_test_sdpa")
-    ids = random_ids(batch=2, length=8)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="has no mask function"):
-        model(ids, attention_mask=mask, use_cache=False)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionMaskInterface.register("netmorph_test_sdpa", sdpa_mask)  # with a mask function it is the sdpa path
-    with torch.no_grad():
-        custom = model(ids, attention_mask=mask, use_cache=False).logits
-        model.set_attn_implementation("sdpa")
-        reference = model(ids, attention_mask=mask, use_cache=False).logits
-    assert (custom - reference)[mask.bool()].abs().max().item() <= 1e-6
+    AttentionInterface.register("netmorph_test_sdpa", sdpa_attention_forward)
+    try:  # the registries are global: leave them as they were for the tests that run after this one
+        model = switched_on(converted["llama", "doubled"], "sdpa")
+        model.set_attn_implementation("netmorph_test_sdpa")
+        ids = random_ids(batch=2, length=8)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, :3] = 0
+        with pytest.raises(ValueError, match="has no mask function"):
+            model(ids, attention_mask=mask, use_cache=False)
+
+        AttentionMaskInterface.register("netmorph_test_sdpa", sdpa_mask)  # with a mask function it is the sdpa path
+        with torch.no_grad():
+            custom = model(ids, attention_mask=mask, use_cache=False).logits
+            model.set_attn_implementation("sdpa")
+            reference = model(ids, attention_mask=mask, use_cache=False).logits
+        assert (custom - reference)[mask.bool()].abs().max().item() <= 1e-6
+    finally:
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop("netmorph_test_sdpa", None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("netmorph_test_sdpa", None)
