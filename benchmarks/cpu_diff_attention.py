@@ -26,6 +26,8 @@ from benchmarks_md import write_section  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+import netmorph.auto  # noqa: E402,F401  (converted checkpoints load with the Auto classes)
 from netmorph.options import ConvertOptions  # noqa: E402
 from netmorph.sources import default_texts, resolve_source  # noqa: E402
 

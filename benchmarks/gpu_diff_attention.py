@@ -36,6 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.convert import convert_diff_transformer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+import netmorph.auto  # noqa: E402,F401  (converted checkpoints load with the Auto classes)
 from netmorph.modeling.split_diff_kernel import split_diff_attention, unsupported_reason  # noqa: E402
 from netmorph.options import ConvertOptions  # noqa: E402
 
