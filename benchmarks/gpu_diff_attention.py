@@ -34,7 +34,7 @@ import transformers  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from netmorph.convert import convert_diff_transformer  # noqa: E402
+from netmorph.surgery.diff import convert_diff_transformer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import netmorph.auto  # noqa: E402,F401  (converted checkpoints load with the Auto classes)

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_conversion import GiB, synthesize, timed  # noqa: E402
 
-from netmorph.options import parse_size  # noqa: E402
+from netmorph.options import size_in_bytes  # noqa: E402
 
 
 def main():
@@ -33,11 +33,11 @@ def main():
     command = [sys.executable, "-m", "netmorph.cli", "qkv-layout", str(root / "source"), "--no-verify", "--no-progress",
                "--max-shard-size", args.shard_size]
     try:
-        synthesize(root / "source", args.layers, parse_size(args.shard_size))
+        synthesize(root / "source", args.layers, size_in_bytes(args.shard_size))
         shards = sorted((root / "source").glob("*.safetensors"))
         total, largest = sum(p.stat().st_size for p in shards), max(p.stat().st_size for p in shards)
         # the fixed cost of importing torch/transformers; the best of two (the first may read a cold disk cache)
-        startup = min(timed([sys.executable, "-c", "import netmorph.cli, netmorph.qkv_layout"], env)[0]
+        startup = min(timed([sys.executable, "-c", "import netmorph.cli, netmorph.surgery.qkv_layout"], env)[0]
                       for _ in range(2))
         copy_seconds, _, _ = timed(["cp", "-r", str(root / "source"), str(root / "copy")])
         shutil.rmtree(root / "copy")

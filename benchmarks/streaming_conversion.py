@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from netmorph.io.reader import TensorSpec  # noqa: E402
 from netmorph.io.streaming import StreamingWriter  # noqa: E402
-from netmorph.options import parse_size  # noqa: E402
+from netmorph.options import size_in_bytes  # noqa: E402
 from netmorph.sources import resolve_source  # noqa: E402
 
 GiB = 2**30
@@ -118,7 +118,7 @@ def main():
     netmorph = [sys.executable, "-m", "netmorph.cli", "convert-diff-transformer", str(root / "source")]
     try:
         start = time.perf_counter()
-        synthesize(root / "source", args.layers, parse_size(args.shard_size))
+        synthesize(root / "source", args.layers, size_in_bytes(args.shard_size))
         shards = sorted((root / "source").glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         largest = max(p.stat().st_size for p in shards)
@@ -126,7 +126,7 @@ def main():
 
         subprocess.run(["sync"], check=True)  # the synthesized shards on disk before anything is timed
         source_files = sorted(p for p in (root / "source").iterdir() if p.is_file())
-        startup, _, _ = timed([sys.executable, "-c", "import netmorph.cli, netmorph.convert\n"
+        startup, _, _ = timed([sys.executable, "-c", "import netmorph.cli, netmorph.surgery.diff\n"
                                "from netmorph.sources import resolve_source\n"
                                f"resolve_source({str(root / 'source')!r}).reader()"], root, env)
         runs = {"warm": {"cp": [], "convert": []}, "cold": {"cp": [], "convert": []}}

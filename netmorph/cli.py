@@ -17,9 +17,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VerificationFailed as e:  # an exact mode's proof failed: the reports, then FAILED as the last line
-            click.echo(f"wrote {e.result.output_dir} (verification FAILED: see its README.md)")
-            for report in e.result.reports:
-                click.echo(report.table())
+            _print_result(e.result)
+            click.echo(f"{e.result.output_dir} is kept for the bug report; its README.md says what failed")
             click.echo(f"FAILED: {e}")
             sys.exit(1)
         except NetmorphError as e:
@@ -43,6 +42,14 @@ def _fail(message: str):
 @click.version_option(package_name="netmorph")
 def main():
     """Change the architecture of a pretrained transformer LLM without losing what it learned."""
+
+
+def _print_result(result) -> None:
+    """What a checkpoint-writing command prints: where it wrote what, then each verification report."""
+    summary = result.surgery.summary()
+    click.echo(f"wrote {result.output_dir}" + (f" ({summary})" if summary else ""))
+    for report in result.reports:
+        click.echo(report.table())
 
 
 def _setup_logging(debug: bool) -> None:
@@ -79,12 +86,9 @@ def convert_diff_transformer_command(source, output_dir, **values):
     """
     options = ConvertOptions.build(**values)
     _setup_logging(options.debug)
-    from netmorph.convert import convert_diff_transformer
+    from netmorph.surgery.diff import convert_diff_transformer
 
-    result = convert_diff_transformer(source, output_dir, options)
-    click.echo(f"wrote {result.output_dir}")
-    for report in result.reports:
-        click.echo(report.table())
+    _print_result(convert_diff_transformer(source, output_dir, options))
 
 
 @main.command("verify")
@@ -113,11 +117,11 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
     """
     _setup_logging(False)
     from netmorph.sources import default_texts
-    from netmorph.verify import DEFAULT_PROMPTS, compare_models, load_pair
+    from netmorph.verify.compare import DEFAULT_PROMPTS, compare_models, load_pair
 
     named = {p.name: p.read_text(errors="replace") for p in texts} or default_texts()
     if layerwise:
-        from netmorph.verify_layerwise import compare_layerwise
+        from netmorph.verify.layerwise import compare_layerwise
 
         report = compare_layerwise(original, converted, named, max_tokens, tolerance, attn_implementation,
                                    trust_remote_code, progress=not as_json)
@@ -230,12 +234,9 @@ def grow_command(source, output_dir, **values):
     """
     options = GrowOptions.build(**values)
     _setup_logging(options.debug)
-    from netmorph.grow import describe, grow
+    from netmorph.surgery.grow import grow
 
-    result = grow(source, output_dir, options)
-    click.echo(f"wrote {result.output_dir} ({describe(result.plan)})")
-    for report in result.reports:
-        click.echo(report.table())
+    _print_result(grow(source, output_dir, options))
 
 
 @main.command("qkv-layout")
@@ -259,12 +260,9 @@ def qkv_layout_command(source, output_dir, **values):
     """
     options = QkvLayoutOptions.build(**values)
     _setup_logging(options.debug)
-    from netmorph.qkv_layout import convert_qkv_layout
+    from netmorph.surgery.qkv_layout import convert_qkv_layout
 
-    result = convert_qkv_layout(source, output_dir, options)
-    click.echo(f"wrote {result.output_dir} ({result.plan.note})")
-    for report in result.reports:
-        click.echo(report.table())
+    _print_result(convert_qkv_layout(source, output_dir, options))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import types
 from typing import Literal, Union, get_args, get_origin
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from netmorph.errors import NetmorphError
 
@@ -21,13 +22,16 @@ def _one_line(error: ValidationError, where: str) -> NetmorphError:
     return NetmorphError(f"{where}: {key}: {message}")
 
 
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
-    if not match:
+def size_in_bytes(text: str) -> int:
+    """"500MB", "5GB", "2GiB" → bytes (pydantic's ByteSize: KB = 1000 B, KiB = 1024 B). Raises ValueError naming the
+    text for anything else (no size of 0 bytes either)."""
+    try:
+        size = int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        size = 0
+    if size <= 0:
         raise ValueError(f"not a size: {text!r} (examples: 500MB, 5GB, 2GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(number * powers[unit])
+    return size
 
 
 class CheckpointOptions(BaseModel):
@@ -43,12 +47,17 @@ class CheckpointOptions(BaseModel):
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickle weights (with torch.load(weights_only=True)).")
     trust_remote_code: bool = Field(False, description="Allow a source that needs its own model code.")
     progress: bool = Field(True, description="Byte progress bar on stderr while writing (only on a terminal).")
+    verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM; same depth and width). auto: layerwise when two fp32 copies would not fit in half the available memory.")
 
     @field_validator("max_shard_size")
     @classmethod
     def _valid_size(cls, value: str) -> str:
-        parse_size(value)
+        size_in_bytes(value)
         return value
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return size_in_bytes(self.max_shard_size)
 
     @classmethod
     def build(cls, **values):
@@ -70,7 +79,6 @@ class ConvertOptions(CheckpointOptions):
     lambda_start: Literal["paper", "zero"] = Field("paper", description="paper: λ_init=0.8−0.6·exp(−0.3·l), random λ vectors. zero: λ is exactly 0 at any mix yet trainable.")
     lambda_std: float = Field(0.1, ge=0, description="Std of the normal init of the λ vectors.")
     tolerance: float = Field(1e-4, gt=0, description="Max |Δlogit| (fp32) that counts as exact in the verification.")
-    verify_mode: Literal["auto", "full", "layerwise"] = Field("auto", description="full: both whole models in memory, with greedy generation. layerwise: one decoder layer of each model at a time (models larger than RAM). auto: layerwise when two fp32 copies would not fit in half the available memory.")
     variant: Literal["v1", "v2"] = Field("v1", description="v1: the paper's differential attention (λ vectors, λ_init, mix). v2: DIFF V2 — 2H query heads in one attention call, K/V unchanged, per-token λ = sigmoid(lambda_proj(x)); exact from paired heads.")
     export: Literal["netmorph", "diffllama"] = Field("netmorph", description="netmorph: netmorph's differential-attention model (exact; remote code). diffllama: a stock transformers DiffLlama checkpoint (no remote code; approximate, divergence measured).")
     diffllama_anchor: float = Field(100.0, ge=0, description="--export diffllama: value anchor that keeps DiffLlama's per-head RMSNorm nearly linear (larger: closer to the source, slower o_proj learning; 0: no anchor).")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from netmorph.errors import NetmorphError
-from netmorph.verify import clip_to_context, context_length
+from netmorph.verify.compare import clip_to_context, context_length
 
 DPI = 100
 

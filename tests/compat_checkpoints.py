@@ -8,7 +8,7 @@ depth growth of a model with `layer_types`, which transformers 5.24 validates st
 import sys
 from pathlib import Path
 
-from netmorph.grow import grow
+from netmorph.surgery.grow import grow
 from netmorph.options import GrowOptions
 from tests.family_models import save_family_model
 from tests.grow_helpers import save_tiny as save_grow_source

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from netmorph.grow import grow
+from netmorph.surgery.grow import grow
 from netmorph.options import GrowOptions
 
 COMMON = dict(vocab_size=97, num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2,

@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import netmorph.auto  # noqa: F401  (registers the converted model classes)
-from netmorph.convert import convert_diff_transformer
+from netmorph.surgery.diff import convert_diff_transformer
 from netmorph.options import ConvertOptions
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),

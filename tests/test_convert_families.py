@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -178,8 +178,8 @@ def test_layerwise_verification_equals_full_verification(tmp_path, variant):
     the full verify's, on the family's backend, for an exact conversion (passes) and for the approximate split-heads
     one (real per-layer differences, which it locates)."""
     from netmorph.sources import default_texts
-    from netmorph.verify import compare_models, load_pair
-    from netmorph.verify_layerwise import compare_layerwise
+    from netmorph.verify.compare import compare_models, load_pair
+    from netmorph.verify.layerwise import compare_layerwise
     from tests.helpers import save_char_tokenizer
 
     source = save_char_tokenizer(save_family_model(tmp_path / "src", variant))
@@ -253,6 +253,12 @@ def family_configs(draw):
 
 @settings(max_examples=36, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family_configs())
+@example(("gemma3_text", dict(num_attention_heads=1, num_key_value_heads=1, head_dim=8, hidden_size=2,
+                              query_pre_attn_scalar=4, num_hidden_layers=3, layer_types=["sliding_attention"] * 3,
+                              tie_word_embeddings=False), {}, 121, 3))
+@example(("gemma2", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=4, hidden_size=32,
+                         attn_logit_softcapping=None, query_pre_attn_scalar=4, num_hidden_layers=2,
+                         layer_types=["sliding_attention"] * 2, tie_word_embeddings=False), {}, 0, 10))
 def test_random_family_configs_convert_exactly(params):
     variant, overrides, mode, seed, length = params
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,8 +267,13 @@ def test_random_family_configs_convert_exactly(params):
         ids = random_ids(length=length, seed=seed)
         original, converted = load(source, "eager"), load(Path(tmp) / "out", "eager")
         with torch.no_grad():
-            diff = (original(ids, use_cache=False).logits - converted(ids, use_cache=False).logits).abs().max().item()
-        assert diff <= TOL, (variant, overrides, mode, diff)
+            expected = original(ids, use_cache=False).logits
+            diff = (expected - converted(ids, use_cache=False).logits).abs().max().item()
+        # fp32 rounding, relative to the logits' size: the converted q projection is a wider matmul (other BLAS
+        # blocking, an ulp here and there) that the layers after it carry on; seen up to 1.6e-5 on logits of ±1.6
+        # and 1.0e-5 on Gemma2's. Bound: 128 ulp of the largest |logit| (a dropped bias or norm moves them by > 1e-2).
+        tolerance = 128 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+        assert diff <= tolerance, (variant, overrides, mode, diff, tolerance)
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "falcon"])

@@ -74,3 +74,24 @@ def test_same_seed_same_bytes_other_seed_other_random_weights(mode, source, tmp_
         q = "model.layers.0.self_attn.q_proj.weight"
         assert torch.equal(first[q][:rows], other[q][:rows])
         assert not torch.equal(first[q][rows:], other[q][rows:])
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama"])
+def test_grow_gives_the_same_bytes_in_processes_with_other_string_hashing(tmp_path, family):
+    """Two processes with different PYTHONHASHSEED (so any set or dict of strings iterates in another order): the
+    same shards. A set of global tensor names once decided the order they were written in."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.grow_helpers import save_tiny
+
+    source = save_tiny(tmp_path / "src", family)
+    hashes = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out-{seed}"
+        subprocess.run([sys.executable, "-m", "netmorph.cli", "grow", str(source), "-o", str(out), "--num-layers", "3",
+                        "--max-shard-size", "8KB", "--no-verify", "--no-progress"], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300)
+        hashes.append(sha256_of_weights(out))
+    assert len(hashes[0]) >= 3 and hashes[0] == hashes[1]

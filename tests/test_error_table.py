@@ -565,7 +565,7 @@ def qkv_not_phi3(case):
      "class reads: convert it back first with `netmorph qkv-layout OUT --to separate -o DIR`")
 def verify_non_stock_layout(case):
     from netmorph.options import QkvLayoutOptions
-    from netmorph.qkv_layout import convert_qkv_layout
+    from netmorph.surgery.qkv_layout import convert_qkv_layout
 
     convert_qkv_layout(str(case.src), case.out, QkvLayoutOptions.build(to="grouped", allow_non_stock=True,
                                                                        verify=False))
@@ -576,7 +576,7 @@ def verify_non_stock_layout(case):
      "this is already a netmorph differential-attention checkpoint (model_type 'netmorph_diff_llama'), which "
      "convert-diff-transformer does not take as a source: run it on the original model instead")
 def convert_a_conversion(case):
-    from netmorph.convert import convert_diff_transformer
+    from netmorph.surgery.diff import convert_diff_transformer
     from netmorph.options import ConvertOptions
 
     converted = case.tmp / "converted"

@@ -9,9 +9,9 @@ checkpoint really computes something else — the verification must see it on it
 import pytest
 from click.testing import CliRunner
 
-import netmorph.convert
-import netmorph.grow
-import netmorph.qkv_layout
+import netmorph.surgery.diff
+import netmorph.surgery.grow
+import netmorph.surgery.qkv_layout
 from netmorph.cli import main
 from tests.helpers import save_char_tokenizer, save_tiny_model
 
@@ -26,29 +26,29 @@ def corrupt(tensors: dict, layer_idx: int, name: str) -> dict:
 
 def plant_fault(monkeypatch, command: str) -> None:
     if command == "convert-diff-transformer":
-        original = netmorph.convert.convert_layer
+        original = netmorph.surgery.diff.convert_layer
 
         def faulty(reader, config, spec, recipe, layer_idx, seed):
             return corrupt(original(reader, config, spec, recipe, layer_idx, seed), layer_idx, "v_proj.weight")
 
-        monkeypatch.setattr(netmorph.convert, "convert_layer", faulty)
+        monkeypatch.setattr(netmorph.surgery.diff, "convert_layer", faulty)
     elif command == "grow":
-        original = netmorph.grow.grow_layer
+        original = netmorph.surgery.grow.grow_layer
 
         def faulty(layer, plan, is_new, options, generator, out_idx=None):
             return corrupt(original(layer, plan, is_new, options, generator, out_idx), out_idx, "v.weight")
 
-        monkeypatch.setattr(netmorph.grow, "grow_layer", faulty)
+        monkeypatch.setattr(netmorph.surgery.grow, "grow_layer", faulty)
     else:
-        original = netmorph.qkv_layout.convert_layer
+        original = netmorph.surgery.qkv_layout.convert_layer
 
         def faulty(reader, plan, layer_idx):
             return corrupt(original(reader, plan, layer_idx), layer_idx, "qkv_proj.weight")
 
-        monkeypatch.setattr(netmorph.qkv_layout, "convert_layer", faulty)
+        monkeypatch.setattr(netmorph.surgery.qkv_layout, "convert_layer", faulty)
         # the bit-level checks would catch this first; the logit/generation proof is what is tested here
-        monkeypatch.setattr(netmorph.qkv_layout, "check_round_trip", lambda *args: (0, None))
-        monkeypatch.setattr(netmorph.qkv_layout, "check_row_placement", lambda *args: None)
+        monkeypatch.setattr(netmorph.surgery.qkv_layout, "check_round_trip", lambda *args: (0, None))
+        monkeypatch.setattr(netmorph.surgery.qkv_layout, "check_row_placement", lambda *args: None)
 
 
 COMMANDS = {

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from netmorph.grow import grow
+from netmorph.surgery.grow import grow
 from netmorph.options import GrowOptions
 from tests.family_models import save_family_model
 from tests.grow_helpers import save_tiny as save_grow_source

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from netmorph.grow import grow
+from netmorph.surgery.grow import grow
 from netmorph.options import GrowOptions
 from netmorph.sources import default_texts
 

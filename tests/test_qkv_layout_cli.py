@@ -27,7 +27,7 @@ from transformers import (
 from netmorph.arch import FAMILIES
 from netmorph.cli import main
 from netmorph.ops.qkv_layout import Heads, same_bytes
-from netmorph.qkv_layout import MARKER
+from netmorph.surgery.qkv_layout import MARKER
 from tests.grow_helpers import TINY as GROW_TINY
 from tests.grow_helpers import save_tiny
 from tests.helpers import random_ids, save_char_tokenizer, save_tiny_model
@@ -174,11 +174,12 @@ def test_phi3_to_separate_is_a_stock_llama_verified_on_real_text(tmp_path):
 
 def test_verified_layer_by_layer_when_two_copies_do_not_fit(tmp_path, monkeypatch):
     """Short of memory for two fp32 models, the command verifies one decoder layer of each at a time."""
-    import netmorph.qkv_layout as command
-    from netmorph.verify_layerwise import LayerwiseReport
+    import netmorph.surgery.qkv_layout as command
+    import netmorph.verify.layerwise
+    from netmorph.verify.layerwise import LayerwiseReport
 
     source = save_char_tokenizer(save_tiny_model(tmp_path / "src", "llama", attention_bias=False, head_dim=4))
-    monkeypatch.setattr(command, "whole_models_fit", lambda reader: False)
+    monkeypatch.setattr(netmorph.verify.layerwise, "whole_models_fit", lambda reader, converted_elements=None: False)
     result = command.convert_qkv_layout(str(source), tmp_path / "phi3", command.QkvLayoutOptions.build(to="sequential"))
     [report] = result.reports
     assert isinstance(report, LayerwiseReport) and report.passed
@@ -410,7 +411,7 @@ def test_large_configurations_planned_on_meta_device():
 
     from netmorph.io.reader import MetaReader, StateDictReader
     from netmorph.io.streaming import plan_output
-    from netmorph.qkv_layout import convert_tensors, plan_conversion
+    from netmorph.surgery.qkv_layout import convert_tensors, plan_conversion
     from netmorph.sources import Source
 
     rss_before = psutil.Process().memory_info().rss

@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from netmorph.arch import spec_for
-from netmorph.convert import convert_tensors, recipe_from, target_config, use_layerwise_verify
+from netmorph.surgery.diff import DiffSurgery, convert_tensors, recipe_from, target_config
 from netmorph.io.reader import MetaReader, SafetensorsReader, StateDictReader, TensorSpec
 from netmorph.io.streaming import StreamingWriter, plan_output
 from tests.reference.sharded_safetensors import Collector, write_sharded
 from netmorph.modeling.modeling_netmorph_diff import family_model_class
-from netmorph.options import ConvertOptions, parse_size
+from netmorph.options import ConvertOptions
 from netmorph.sources import default_texts, resolve_source
-from netmorph.verify import compare_models, load_pair
-from netmorph.verify_layerwise import compare_layerwise
+from netmorph.verify.compare import compare_models, load_pair
+from netmorph.verify.layerwise import compare_layerwise
 from tests.helpers import FAMILIES, convert, save_char_tokenizer, save_tiny_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
@@ -113,7 +113,7 @@ def test_streamed_conversion_is_byte_identical_to_in_memory_conversion(tmp_path,
     (tmp_path / "memory").mkdir()
     collected = Collector()
     convert_tensors(SafetensorsReader(source), config, spec, recipe_from(options), collected, options.seed)
-    write_sharded(collected.tensors, tmp_path / "memory", parse_size(options.max_shard_size))
+    write_sharded(collected.tensors, tmp_path / "memory", options.max_shard_bytes)
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2
     assert sha256s(tmp_path / "streamed") == reference
@@ -161,15 +161,21 @@ def test_large_configurations_on_meta_device(name, config_class, model_class, va
 
 
 def test_auto_verify_mode_goes_layerwise_when_memory_is_short(tiny_llama, monkeypatch):
-    from netmorph import verify_layerwise
+    from netmorph.pipeline import verify_layer_by_layer
+    from netmorph.verify import layerwise as verify_layerwise
 
     reader = SafetensorsReader(tiny_llama)
     plan = [reader.describe(name) for name in reader.keys()]
-    assert not use_layerwise_verify(reader, ConvertOptions(), plan)
+
+    def layer_by_layer(**options):
+        return verify_layer_by_layer(DiffSurgery(resolve_source(str(tiny_llama)), ConvertOptions(**options)), reader,
+                                     plan)
+
+    assert not layer_by_layer()
     monkeypatch.setattr(verify_layerwise, "FULL_VERIFY_MEMORY_SHARE", 1e-12)  # a machine with almost no free memory
-    assert use_layerwise_verify(reader, ConvertOptions(), plan)
-    assert not use_layerwise_verify(reader, ConvertOptions(verify_mode="full"), plan)
-    assert use_layerwise_verify(reader, ConvertOptions(verify_mode="layerwise"), plan)
+    assert layer_by_layer()
+    assert not layer_by_layer(verify_mode="full")
+    assert layer_by_layer(verify_mode="layerwise")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -353,7 +359,7 @@ def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     """`grow` plans on meta tensors and streams (unchanged layers copied file to file): the same weight files,
     shard split and index as the growth's tensors (bf16) saved by safetensors' own `save_file`, shard by shard."""
     from netmorph.arch import spec_for
-    from netmorph.grow import grow_tensors, plan_growth
+    from netmorph.surgery.grow import grow_tensors, plan_growth
     from netmorph.options import GrowOptions
     from tests.grow_helpers import grow_tiny, save_tiny
 
@@ -368,7 +374,7 @@ def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
     (tmp_path / "memory").mkdir()
     collected = Collector()
     grow_tensors(SafetensorsReader(source), plan, spec.is_tied(resolved.config), collected, options)
-    write_sharded(collected.tensors, tmp_path / "memory", parse_size(options.max_shard_size))
+    write_sharded(collected.tensors, tmp_path / "memory", options.max_shard_bytes)
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2
     assert sha256s(tmp_path / "streamed") == reference

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from netmorph.verify import compare_logits
+from netmorph.verify.compare import compare_logits
 
 LN = math.log
 A = torch.tensor([[LN(1), LN(3)], [LN(2), LN(2)], [0.0, 0.0]], dtype=torch.float64)

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from netmorph.convert import MODELING_FILES
+from netmorph.surgery.diff import MODELING_FILES
 from netmorph.errors import NetmorphError
 from netmorph.options import DatasetEntry, TrainingYaml
 from netmorph.sources import Source, read_yaml, resolve_source
 from netmorph.train.callbacks import DiffAttnMonitorCallback, DiffAttnWarmupCallback, diff_attention_modules
 from netmorph.train.data import BlockDataset, pack, read_documents
-from netmorph.verify import clip_to_context, context_length
+from netmorph.verify.compare import clip_to_context, context_length
 
 log = logging.getLogger("netmorph")
 

@@ -143,7 +143,7 @@ def failure(reports, exact: bool = True) -> str | None:
 
 def card_lines(reports, exact: bool = True) -> list[str]:
     """A model card's verification section: each report's table, or why there is none."""
-    lines = ["## Verification (fp32, real text)", ""]
+    lines = [f"## Verification ({reports[0].dtype if reports else 'float32'}, real text)", ""]
     if not reports:
         lines.append("Not run (`--no-verify`).")
     problem = failure(reports, exact)

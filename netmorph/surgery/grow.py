@@ -1,4 +1,5 @@
-"""`grow`: SOURCE → a larger checkpoint of the *same stock architecture* that computes the same function.
+"""`grow`, a surgery of the pipeline: SOURCE → a larger checkpoint of the *same stock architecture* that computes the
+same function.
 
 Every constraint is checked before any tensor is read (`plan_growth`, then the target config class itself);
 then the whole growth runs once on meta tensors (no data) to plan the output, and tensors stream layer by layer
@@ -7,7 +8,6 @@ unchanged tensors copied file to file) inside an atomic output dir; finally the 
 transformers class and compared with the source on real text.
 """
 
-import json
 import logging
 import math
 import re
@@ -18,15 +18,13 @@ import torch
 
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.arch.families import GROW_DIMS
-from netmorph.errors import NetmorphError, VerificationFailed
+from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
-from netmorph.io.streaming import CastingWriter, StreamingWriter, pass_through, plan_output, release_freed_memory
-from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.io.streaming import CastingWriter, pass_through
 from netmorph.ops import grow as ops
-from netmorph.options import GrowOptions, parse_size
-from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import (DEFAULT_PROMPTS, VerifyReport, card_lines, check_tokenizer, compare_models, failure,
-                             own_rounding)
+from netmorph.options import GrowOptions
+from netmorph.pipeline import Card, Surgery, run
+from netmorph.verify.compare import own_rounding
 
 log = logging.getLogger("netmorph")
 
@@ -66,14 +64,6 @@ class GrowthPlan:
     def attention_changes(self) -> bool:
         s, t = self.source, self.target
         return (s.heads, s.kv_heads, s.head_dim, s.hidden) != (t.heads, t.kv_heads, t.head_dim, t.hidden)
-
-
-@dataclass
-class GrowResult:
-    output_dir: Path
-    config: object
-    plan: GrowthPlan
-    reports: list[VerifyReport] = field(default_factory=list)
 
 
 # ── planning: every check before any work ───────────────────────────────────────────────────────────────────────
@@ -410,8 +400,10 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     """Embedding, final norm, output head; any other non-layer tensor passes through when the hidden size stays."""
     spec, s, t = plan.spec, plan.source, plan.target
     embed_scale = math.sqrt(s.hidden / t.hidden) if spec.embed_scale else 1.0  # Gemma multiplies by √hidden
-    handled = {spec.embed, spec.lm_head, f"{spec.final_norm}.weight", f"{spec.final_norm}.bias"} | (
-        {spec.position_embed} if spec.position_embed else set())
+    # A fixed order (not a set: its order changes with Python's string hashing from one process to the next, and
+    # with it the shard split of the output).
+    handled = (spec.embed, *((spec.position_embed,) if spec.position_embed else ()), f"{spec.final_norm}.weight",
+               f"{spec.final_norm}.bias", spec.lm_head)
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
@@ -522,16 +514,7 @@ def copy_layer(reader: TensorReader, spec: ArchSpec, source_idx: int, out_idx: i
     log.debug("layer %d ← source layer %d (copied)", out_idx, source_idx)
 
 
-def plan_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, options: GrowOptions, cast=lambda writer: writer):
-    """Every output tensor's name, shape and dtype: the growth run on meta tensors, allocating nothing. Random
-    draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data value).
-    `cast` wraps the writer as the real run does (an output dtype other than the source's)."""
-    planning = options.model_copy(update={"init_std": options.init_std or 1.0})
-    with torch.device("meta"):
-        return plan_output(lambda recorder: grow_tensors(MetaReader(reader), plan, tied, cast(recorder), planning))
-
-
-# ── the command ─────────────────────────────────────────────────────────────────────────────────────────────────
+# ── the surgery ─────────────────────────────────────────────────────────────────────────────────────────────────
 
 
 def describe(plan: GrowthPlan) -> str:
@@ -539,108 +522,81 @@ def describe(plan: GrowthPlan) -> str:
     return ", ".join(f"{k} {s[k]}→{t[k]}" for k in s if s[k] != t[k]) or "no change"
 
 
-def write_model_card(directory: Path, source: Source, plan: GrowthPlan, options: GrowOptions,
-                     reports: list[VerifyReport], model_class: str) -> None:
-    flags = {k: v for k, v in options.model_dump().items() if v is not None and k not in ("force", "debug", "verify", "progress")}
-    lines = [
-        "---", "library_name: transformers", "tags: [netmorph, growth]", "---",
-        f"# Grown `{source.description}`", "",
-        f"Grown by netmorph `grow`: {describe(plan)}.", "",
-        f"- Source: `{source.description}` (model_type `{source.config.model_type}`)",
-        f"- Options: `{json.dumps(flags)}`",
-        f"- Stock architecture: loads with `{model_class}` / `AutoModelForCausalLM`, no remote code.",
-        ("- **Exact** at growth: the new parameters are initialised so the model computes the source's function; "
-         "one side of each new path (output projections, new key dims, new embedding columns) starts at zero, the "
-         "other side is random, so every new parameter trains."),
-        "", f"## Verification ({options.verify_dtype}, real text)", "",
-    ]
-    lines += card_lines(reports)[2:]  # the heading above names the verification dtype
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("<this dir>")',
-              'tokenizer = AutoTokenizer.from_pretrained("<this dir>")', "```"]
-    (directory / "README.md").write_text("\n".join(lines) + "\n")
+class GrowSurgery(Surgery):
+    """A larger checkpoint of the same stock architecture that computes the same function (module docstring)."""
+
+    command = "grow"
+    verb = "growing"
+    tags = ("growth",)
+
+    def __init__(self, source, options: GrowOptions):
+        super().__init__(source, options)
+        self.spec = spec_for(source.config.model_type, self.command)
+        self.source_backend = self.output_backend = self.spec.attention_backend
+        self.plan = plan_growth(source.config, self.spec, options)
+        self.config = target_config(source.config, self.plan)  # transformers' own validation, before any tensor
+        reader = source.reader()
+        self.stored_dtype = reader.describe(self.spec.embed).dtype if self.spec.embed in reader else torch.float32
+        self.out_dtype = options.output_dtype or self.stored_dtype
+        self.config.dtype = self.out_dtype
+        self.tied = self.spec.is_tied(source.config)
+        self.verify_dtype = getattr(torch, options.verify_dtype)
+
+    def _cast(self, writer):
+        """--dtype other than the source's: every floating tensor is stored in it."""
+        return writer if self.out_dtype == self.stored_dtype else CastingWriter(writer, self.out_dtype)
+
+    def stream(self, reader: TensorReader, writer) -> None:
+        grow_tensors(reader, self.plan, self.tied, self._cast(writer), self.options)
+
+    def plan_stream(self, reader: TensorReader, recorder) -> None:
+        """Random draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data
+        value)."""
+        planning = self.options.model_copy(update={"init_std": self.options.init_std or 1.0})
+        with torch.device("meta"):
+            grow_tensors(MetaReader(reader), self.plan, self.tied, self._cast(recorder), planning)
+
+    def layerwise_refusal(self) -> str | None:
+        s, t = self.plan.source, self.plan.target
+        if (s.layers, s.hidden) != (t.layers, t.hidden):
+            return "it changes the depth or the hidden size, and layer-wise verification compares layer i with layer i"
+        return None
+
+    def tolerance(self, original, tokenizer, texts: dict[str, str], dtype: torch.dtype) -> tuple[float, str]:
+        """--tolerance; for a bf16/fp16 checkpoint whose recipe rescales weights, twice the source's own error in that
+        dtype when larger. No factor like √(n/n′) is exact there, so the checkpoint may change the function by about
+        as much as running the source in its own precision does (measured on tiny models, checkpoint / own
+        rounding: Llama bf16 0.3–0.6, fp16 0.3–0.4; StableLM's mean-filled LayerNorms fp16 1.1). Greedy text is then
+        compared but not required to match: that much noise flips near-ties (the source's own text changes when it
+        runs in that dtype). `--dtype float32` writes the rescaled weights exactly instead."""
+        tolerance = self.options.tolerance
+        if not (self.plan.rescales and self.out_dtype in (torch.bfloat16, torch.float16)):
+            return tolerance, ""
+        rounding = own_rounding(original, tokenizer, texts, self.out_dtype, dtype)
+        if 2 * rounding <= tolerance:
+            return tolerance, ""
+        name = str(self.out_dtype).removeprefix("torch.")
+        return 2 * rounding, (f"2 × the source's own {name} rounding on these texts (the rescaled weights are stored "
+                              f"in {name}; --dtype float32 keeps them exact)")
+
+    def card(self) -> Card:
+        model_class = (self.config.architectures
+                       or [f"{type(self.config).__name__.removesuffix('Config')}ForCausalLM"])[0]
+        return Card(f"Grown `{self.source.description}`", [
+            f"- Growth: {describe(self.plan)}.",
+            f"- Stock architecture: loads with `{model_class}` / `AutoModelForCausalLM`, no remote code.",
+            "- The new parameters are initialised so the model computes the source's function: one side of each new "
+            "path (output projections, new key dims, new embedding columns) starts at zero, the other side is random, "
+            "so every new parameter trains."])
+
+    def summary(self) -> str:
+        return describe(self.plan)
 
 
-def verify_growth(source: Source, directory: Path, options: GrowOptions, backend: str = "sdpa",
-                  rounded_to: torch.dtype | None = None) -> VerifyReport:
-    """Load the grown checkpoint fresh from disk with the stock class (no remote code) and compare.
-
-    Both run in `options.verify_dtype`. In float64 the figure is the checkpoint's own error (new weights rounded to
-    the checkpoint dtype); in float32 a real model adds its run-to-run rounding noise, as large as 1e-4 on SmolLM2.
-    `rounded_to`: the half-precision dtype the recipe's rescaled weights were rounded to. No factor like √(n/n′) is
-    exact in it, so the tolerance becomes twice the source's own error in that dtype (the source run in it vs in
-    `options.verify_dtype`, on the same texts) when that is larger: the checkpoint may change the function by about
-    as much as running the source in its own precision does (measured on tiny models, checkpoint / own rounding:
-    Llama bf16 0.3–0.6, fp16 0.3–0.4; StableLM's mean-filled LayerNorms fp16 1.1). Greedy text is then compared but not required to match: that
-    much noise flips near-ties (the source's own text changes when it runs in that dtype). `--dtype float32`
-    writes the rescaled weights exactly instead.
-    """
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, options.verify_dtype)
-    grown = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=backend).eval()
-    original = source.load_model(backend)
-    tokenizer, texts = source.load_tokenizer(), default_texts()
-    try:
-        tolerance, basis = options.tolerance, ""
-        if rounded_to is not None:
-            rounding = own_rounding(original, tokenizer, texts, rounded_to, dtype)
-            if 2 * rounding > tolerance:
-                name = str(rounded_to).removeprefix("torch.")
-                tolerance, basis = 2 * rounding, (f"2 × the source's own {name} rounding on these texts (the rescaled "
-                                                  f"weights are stored in {name}; --dtype float32 keeps them exact)")
-        original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source model comes back unchanged
-        report = compare_models(original, grown, tokenizer, texts, DEFAULT_PROMPTS, tolerance=tolerance)
-        report.tolerance_basis, report.generations_required = basis, not basis
-        return report
-    finally:
-        original.to(torch.float32)
+def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOptions):
+    """SOURCE → a grown checkpoint of the same stock architecture, verified. Returns the pipeline's Result (its
+    `plan` is the GrowthPlan); raises NetmorphError on bad input, VerificationFailed when the proof fails."""
+    return run(GrowSurgery, source_arg, output_dir, options)
 
 
-def grow(source_arg: str | None, output_dir: str | Path | None, options: GrowOptions) -> GrowResult:
-    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
-    if output_dir is None:
-        output_dir = (source.yaml_config or {}).get("output_dir")
-        if not output_dir:
-            raise NetmorphError("no output directory: pass --output-dir DIR")
-    output_dir = Path(output_dir).expanduser()
-    spec = spec_for(source.config.model_type, "grow")
-    plan = plan_growth(source.config, spec, options)
-    config = target_config(source.config, plan)  # transformers' own validation, still before any tensor is read
-    check_output_dir(output_dir, options.force, source.input_paths)
-    reader = source.reader()
-    stored = reader.describe(spec.embed).dtype if spec.embed in reader else torch.float32
-    out_dtype = stored if options.dtype == "source" else getattr(torch, options.dtype)
-    config.dtype = out_dtype
-    tied = spec.is_tied(source.config)
-    log.info("growing %s (%s): %s → %s", source.description, spec.model_type, describe(plan), output_dir)
-
-    def cast(writer):  # --dtype other than the source's: every floating tensor is stored in it
-        return writer if out_dtype == stored else CastingWriter(writer, out_dtype)
-
-    output_plan = plan_tensors(reader, plan, tied, options, cast)
-
-    with atomic_output_dir(output_dir) as tmp:
-        with StreamingWriter(tmp, output_plan, parse_size(options.max_shard_size), progress=options.progress,
-                             description="growing") as writer:
-            grow_tensors(reader, plan, tied, cast(writer), options)
-            writer.finish()
-        release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
-        config.save_pretrained(tmp)
-        source.save_tokenizer(tmp)
-        source.save_generation_config(tmp)
-        reports = []
-        if options.verify or options.debug:
-            rounded_to = out_dtype if plan.rescales and out_dtype in (torch.bfloat16, torch.float16) else None
-            reports.append(verify_growth(source, tmp, options, spec.attention_backend, rounded_to))
-            check_tokenizer(reports[-1], source, tmp)
-        model_class = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"])[0]
-        write_model_card(tmp, source, plan, options, reports, model_class)
-    result = GrowResult(output_dir, config, plan, reports)
-    problem = failure(reports)
-    if problem:  # growth is exact: the checkpoint stays (its card says FAILED) for the bug report; the command fails
-        raise VerificationFailed(problem, result)
-    return result
-
-
-__all__ = ["Dims", "GrowResult", "GrowthPlan", "grow", "plan_growth"]
+__all__ = ["Dims", "GrowSurgery", "GrowthPlan", "grow", "plan_growth"]

@@ -1,30 +1,34 @@
-"""`convert-diff-transformer`: SOURCE → differential-attention checkpoint, verified, written atomically."""
+"""`convert-diff-transformer`: attention → differential attention (Ye et al. 2024, or DIFF V2), as a surgery of the
+pipeline (netmorph/pipeline.py). Two targets:
 
-import json
-from collections.abc import Callable
+- netmorph's differential model (`DiffSurgery`): every family's stock model with `NetmorphDiffAttention`; exact
+  modes compute the source's function (mix = 0), and the modeling code is copied next to the weights;
+- the stock transformers DiffLlama (`DiffLlamaSurgery`, `--export diffllama`): no remote code at all, approximate
+  (its per-head norm always runs); the construction is netmorph/ops/diffllama.py.
+"""
+
 import logging
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.errors import NetmorphError, VerificationFailed
-from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
-from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import TensorReader
+from netmorph.io.streaming import pass_through
 from netmorph.ops import qkv_layout
 from netmorph.ops.diff_attention import DiffAttentionRecipe, convert_attention_tensors
-from netmorph.options import ConvertOptions, parse_size
-from netmorph.sources import Source, default_text_files, default_texts, resolve_source
-from netmorph.verify import DEFAULT_PROMPTS, VerifyReport, card_lines, check_tokenizer, compare_models, failure
-from netmorph.verify_layerwise import whole_models_fit
+from netmorph.ops.diffllama import diffllama_attention_tensors
+from netmorph.options import ConvertOptions
+from netmorph.pipeline import Card, Surgery, run
+from netmorph.sources import default_text_files
 
 log = logging.getLogger("netmorph")
 
-MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_DIR = Path(__file__).parent.parent / "modeling"
 MODELING_FILES = ("configuration_netmorph_diff.py", "modeling_netmorph_diff.py", "split_diff_kernel.py")
 AXOLOTL_PLUGIN = "netmorph.integrations.axolotl.DifferentialTransformerPlugin"
 ATTENTION_TENSORS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -57,13 +61,6 @@ LAMBDA_V1 = ("λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_init). `mix`
              "raise it during fine-tuning (a linear warm-up from 0 to 1) to switch the negative branch on.")
 LAMBDA_V2 = ("Differential head j = out[2j] − λ·out[2j + 1] with λ = sigmoid(lambda_proj(x)) per token and head; "
              "lambda_proj = 0 after conversion (λ = 0.5), o_proj doubled.",)
-
-
-@dataclass
-class ConversionResult:
-    output_dir: Path
-    config: object  # the converted model's config (NetmorphDiff<Family>Config)
-    reports: list[VerifyReport] = field(default_factory=list)
 
 
 def head_counts(config, spec: ArchSpec) -> tuple[int, int, int]:
@@ -309,127 +306,142 @@ def mode_notes(options: ConvertOptions) -> list[str]:
     return notes
 
 
-def write_model_card(directory: Path, source: Source, options: ConvertOptions, reports: list[VerifyReport]) -> None:
-    flags = {k: v for k, v in options.model_dump().items()
-             if k not in ("force", "debug", "verify", "verify_mode", "progress")}
-    exactness = (
-        "**Exact** at conversion: the converted model computes the source model's function (mix = 0)."
-        if options.exact
-        else "**Approximate**: this mode changes the function; fine-tune to recover. The measured divergence is below."
-    )
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [netmorph, differential-attention]",
-        "---",
-        f"# Differential-attention conversion of `{source.description}`",
-        "",
-        "Converted by [netmorph](https://pypi.org/project/netmorph/) `convert-diff-transformer`.",
-        "",
-        f"- Source: `{source.description}` (model_type `{source.config.model_type}`)",
-        f"- Options: `{json.dumps(flags)}`",
-        f"- {exactness}",
-        *[f"- {note}" for note in mode_notes(options)],
-        "",
-        *(LAMBDA_V2 if options.variant == "v2" else LAMBDA_V1),
-        "",
-        *card_lines(reports, exact=options.exact),
-    ]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this dir>", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("<this dir>")',
-        "```",
-        "",
-        "Fine-tune with `netmorph train config.yml` or axolotl with the plugin listed in `config.yml`.",
-    ]
-    (directory / "README.md").write_text("\n".join(lines) + "\n")
+class DiffSurgery(Surgery):
+    """Attention → netmorph's differential attention, every other tensor kept (see the module docstring)."""
 
+    command = "convert-diff-transformer"
+    verb = "converting"
+    tags = ("differential-attention",)
 
-def use_layerwise_verify(reader: TensorReader, options: ConvertOptions, plan: list[TensorSpec]) -> bool:
-    """Layer-wise when asked, or ("auto") when two fp32 models would not fit comfortably in available memory.
-    Only safetensors sources can be read layer by layer (a GGUF or pickle source is in memory already)."""
-    if options.verify_mode == "full" or not isinstance(reader, SafetensorsReader):
-        return False
-    if options.verify_mode == "layerwise":
-        return True
-    return not whole_models_fit(reader, sum(tensor.numel for tensor in plan))
+    def __init__(self, source, options: ConvertOptions):
+        super().__init__(source, options)
+        self.spec = spec_for(source.config.model_type, self.command)
+        self.source_backend = self.output_backend = self.spec.attention_backend
+        reader = source.reader()
+        dtype = reader.describe(next(iter(reader.keys()))).dtype  # from the header: no tensor is read for it
+        self.config = target_config(source.config, self.spec, options, dtype)
+        self.recipe = recipe_from(options)
 
+    @property
+    def exact(self) -> bool:
+        return self.options.exact
 
-def verify_conversion(source: Source, directory: Path, options: ConvertOptions, attn_implementation: str = "sdpa",
-                      layerwise: bool = False):
-    if layerwise:
-        from netmorph.verify_layerwise import compare_layerwise
+    def stream(self, reader: TensorReader, writer) -> None:
+        convert_tensors(reader, self.config, self.spec, self.recipe, writer, self.options.seed)
 
-        return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
-                                 attn_implementation=attn_implementation,
-                                 trust_remote_code=options.trust_remote_code, progress=options.progress)
-    from netmorph.modeling.modeling_netmorph_diff import family_model_class
-
-    model_class = family_model_class(source.config.model_type)
-    converted = model_class.from_pretrained(
-        str(directory), dtype=torch.float32, attn_implementation=attn_implementation
-    ).eval()
-    original = source.load_model(attn_implementation)
-    tokenizer = source.load_tokenizer()
-    texts = default_texts()
-    return compare_models(original, converted, tokenizer, texts, DEFAULT_PROMPTS, tolerance=options.tolerance)
-
-
-def convert_diff_transformer(
-    source_arg: str | None, output_dir: str | Path | None, options: ConvertOptions
-) -> ConversionResult:
-    if options.export == "diffllama":
-        from netmorph.export_diffllama import export_diffllama
-
-        return export_diffllama(source_arg, output_dir, options)
-    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
-    if output_dir is None:
-        yaml_out = (source.yaml_config or {}).get("output_dir")
-        if not yaml_out:
-            raise NetmorphError("no output directory: pass --output-dir DIR")
-        output_dir = yaml_out
-    output_dir = Path(output_dir).expanduser()
-    spec = spec_for(source.config.model_type, "convert-diff-transformer")
-    check_output_dir(output_dir, options.force, source.input_paths)
-    reader = source.reader()
-    dtype = reader.describe(next(iter(reader.keys()))).dtype  # from the header: no tensor is read for it
-    config = target_config(source.config, spec, options, dtype)
-    recipe = recipe_from(options)
-    # The whole conversion on meta tensors first: every output name, shape and dtype, with no data.
-    plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe, recorder, options.seed))
-    plan_bytes = sum(tensor.nbytes for tensor in plan)
-    layerwise = (options.verify or options.debug) and use_layerwise_verify(reader, options, plan)
-    log.info("converting %s (%s, %d layers) → %s", source.description, spec.model_type, config.num_hidden_layers, output_dir)
-
-    with atomic_output_dir(output_dir) as tmp:
-        with StreamingWriter(tmp, plan, parse_size(options.max_shard_size), progress=options.progress,
-                             description="converting") as writer:
-            convert_tensors(reader, config, spec, recipe, writer, options.seed)
-            writer.finish()
-        release_freed_memory()  # the verification that follows starts from what is live, not from a fragmented heap
-        log.info("converted %d attention layers to differential attention (%.2f GB written)", config.num_hidden_layers,
-                 plan_bytes / 1e9)
-        config.save_pretrained(tmp)
+    def write_files(self, directory: Path, output_dir: Path) -> None:
         for name in MODELING_FILES:
-            shutil.copy2(MODELING_DIR / name, tmp / name)
-        source.save_tokenizer(tmp)
-        source.save_generation_config(tmp)
-        write_training_yaml(tmp, source.yaml_config, output_dir)
-        reports = []
-        if options.verify or options.debug:
-            if layerwise:
-                log.info("verifying layer by layer (--verify-mode %s)", options.verify_mode)
-            report = verify_conversion(source, tmp, options, spec.attention_backend, layerwise=layerwise)
-            report.approximate = not options.exact
-            check_tokenizer(report, source, tmp)
-            reports.append(report)
-        write_model_card(tmp, source, options, reports)
-    result = ConversionResult(output_dir, config, reports)
-    problem = failure(reports, options.exact)
-    if problem:  # the checkpoint stays (its card says FAILED) for the bug report; the command fails
-        raise VerificationFailed(problem, result)
-    return result
+            shutil.copy2(MODELING_DIR / name, directory / name)
+        write_training_yaml(directory, self.source.yaml_config, output_dir)
+
+    def load_output(self, directory: Path, dtype: torch.dtype):
+        from netmorph.modeling.modeling_netmorph_diff import family_model_class
+
+        return family_model_class(self.spec.model_type).from_pretrained(
+            str(directory), dtype=dtype, attn_implementation=self.output_backend).eval()
+
+    def card(self) -> Card:
+        lam = LAMBDA_V2 if self.options.variant == "v2" else LAMBDA_V1
+        return Card(f"Differential-attention conversion of `{self.source.description}`",
+                    [*(f"- {note}" for note in mode_notes(self.options)), "", *lam, "",
+                     "Fine-tune with `netmorph train config.yml` or axolotl with the plugin listed in `config.yml`."],
+                    remote_code=True)
+
+    def summary(self) -> str:
+        return f"{self.config.num_hidden_layers} attention layers → {self.options.diff_layout} differential attention"
+
+
+class DiffLlamaSurgery(DiffSurgery):
+    """`--export diffllama`: attention → the stock transformers DiffLlama layout (approximate, no remote code)."""
+
+    tags = ("differential-attention", "diffllama")
+
+    def __init__(self, source, options: ConvertOptions):
+        Surgery.__init__(self, source, options)
+        self.spec = spec_for(source.config.model_type)
+        reader = source.reader()
+        self.config = diffllama_config(source.config, self.spec, reader.describe(next(iter(reader.keys()))).dtype)
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def stream(self, reader: TensorReader, writer) -> None:
+        heads, _, head_dim = head_counts(self.source.config, self.spec)
+        options = self.options
+
+        def export_layer(layer_idx: int) -> dict[str, torch.Tensor]:
+            attn = read_attention(reader, self.source.config, self.spec, layer_idx)  # shapes checked
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + layer_idx)
+            converted = diffllama_attention_tensors(attn, layer_idx, heads, head_dim, options.diffllama_anchor,
+                                                    self.config.rms_norm_eps, options.negative_init,
+                                                    options.negative_std, generator)
+            return {self.spec.attention_key(layer_idx, name): tensor for name, tensor in converted.items()}
+
+        stream_attention_layers(reader, self.config, self.spec, writer, export_layer)
+
+    def write_files(self, directory: Path, output_dir: Path) -> None:
+        pass  # a stock class: no modeling code, no differential training config
+
+    def layerwise_refusal(self) -> str | None:
+        return "the export is approximate, and its proof is the whole model's divergence"
+
+    def load_output(self, directory: Path, dtype: torch.dtype):
+        return Surgery.load_output(self, directory, dtype)
+
+    def card(self) -> Card:
+        return Card(f"DiffLlama export of `{self.source.description}`", [
+            "- A stock transformers `DiffLlamaForCausalLM` (no remote code). Query and KV heads are doubled (the "
+            "source's heads first, new negative heads after them), λ = 0 through the λ vectors, and a value anchor of "
+            f"{self.options.diffllama_anchor:g} keeps DiffLlama's mandatory per-head RMSNorm nearly linear."])
+
+    def summary(self) -> str:
+        return f"{self.config.num_hidden_layers} attention layers → stock DiffLlama"
+
+
+EXPORTABLE_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def diffllama_config(source_config, spec: ArchSpec, dtype: torch.dtype):
+    """The DiffLlama config with 2H query and 2G KV heads of the source's head_dim, or a one-line refusal naming what
+    DiffLlama cannot represent."""
+    from transformers import DiffLlamaConfig
+
+    c = source_config
+    if c.model_type not in EXPORTABLE_FAMILIES:
+        raise NetmorphError(
+            f"--export diffllama takes a {', '.join(EXPORTABLE_FAMILIES)} model, not {c.model_type!r}: DiffLlama is "
+            "Llama with differential attention; convert without --export to use netmorph's own model"
+        )
+    if "sliding_attention" in spec.layer_types(c):
+        raise NetmorphError(
+            "--export diffllama cannot represent sliding-window attention (DiffLlama attends to the whole context): "
+            "convert without --export to keep the window"
+        )
+    if getattr(c, "mlp_bias", False):
+        raise NetmorphError(
+            "--export diffllama cannot represent MLP biases (DiffLlama's MLP has none): convert without --export"
+        )
+    if getattr(c, "attention_dropout", 0.0):
+        raise NetmorphError(
+            f"--export diffllama needs attention_dropout 0 (DiffLlama refuses dropout), the source has "
+            f"{c.attention_dropout}: set attention_dropout to 0 in config.json"
+        )
+    heads, num_kv, _ = head_counts(c, spec)
+    return DiffLlamaConfig(
+        **llama_fields(c, spec),
+        num_attention_heads=2 * heads,
+        num_key_value_heads=2 * num_kv,
+        attention_bias=True,  # the value anchor is a v bias; DiffLlama has one flag for all four projections
+        attention_dropout=0.0,
+        architectures=["DiffLlamaForCausalLM"],
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def convert_diff_transformer(source_arg: str | Path | None, output_dir: str | Path | None, options: ConvertOptions):
+    """SOURCE → a differential-attention checkpoint (or, with --export diffllama, a stock DiffLlama one), verified.
+    Returns the pipeline's Result; raises NetmorphError on bad input, VerificationFailed when an exact mode's proof
+    fails."""
+    surgery = DiffLlamaSurgery if options.export == "diffllama" else DiffSurgery
+    return run(surgery, source_arg, output_dir, options)

@@ -1,4 +1,4 @@
-"""`qkv-layout`: SOURCE → the same model with its q/k/v projections stored in another layout, bit-exact, streamed.
+"""`qkv-layout`, a surgery of the pipeline: SOURCE → the same model with its q/k/v projections stored in another layout, bit-exact, streamed.
 
 Every layout change is a row permutation (netmorph/ops/qkv_layout.py), so the weights and biases come out with
 the same bits in new places. What the output *is* depends on whether a stock transformers class reads it:
@@ -15,28 +15,26 @@ the same bits in new places. What the output *is* depends on whether a stock tra
   `netmorph_qkv_layout`, and netmorph's other commands refuse it with the command that converts it back.
 
 Verification: the written attention (and MLP) tensors are read back and converted back to the source layout,
-which must give the source's bits; when stock classes read both the source and the output, both models also run
-on real text (logits and greedy generation).
+which must give the source's bits, and every q/k/v row must sit where the layout's definition puts it; when stock
+classes read both the source and the output, both models also run on real text (logits and greedy generation).
 """
 
 import copy
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from netmorph.arch import FAMILIES, ArchSpec, spec_for
-from netmorph.errors import NetmorphError, VerificationFailed
-from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader
-from netmorph.io.streaming import StreamingWriter, pass_through, plan_output, release_freed_memory
-from netmorph.io.writer import atomic_output_dir, check_output_dir
+from netmorph.errors import NetmorphError
+from netmorph.io.reader import SafetensorsReader, TensorReader
+from netmorph.io.streaming import pass_through
 from netmorph.ops.grow import split_gate_up
 from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
-from netmorph.options import QkvLayoutOptions, parse_size
-from netmorph.sources import Source, default_texts, resolve_source
-from netmorph.verify import DEFAULT_PROMPTS, card_lines, check_tokenizer, compare_models, failure
-from netmorph.verify_layerwise import whole_models_fit
+from netmorph.options import QkvLayoutOptions
+from netmorph.pipeline import Card, Surgery, run
+from netmorph.sources import Source
 
 log = logging.getLogger("netmorph")
 
@@ -77,15 +75,6 @@ class LayoutPlan:
             (self.target_spec, self.target_qkv + self.target_mlp)
         prefix = spec.layer_prefix.format(i=layer_idx)
         return [f"{prefix}{name}.{kind}" for name in names for kind in ("weight", "bias")]
-
-
-@dataclass
-class LayoutResult:
-    output_dir: Path
-    plan: LayoutPlan
-    round_trip_tensors: int = 0
-    layout_problems: list[str] = field(default_factory=list)  # what the bit-level checks found (empty: none)
-    reports: list = field(default_factory=list)  # VerifyReport, or LayerwiseReport when verified layer by layer
 
 
 # ── which layout a checkpoint holds, under which names ──
@@ -347,89 +336,61 @@ def _stacked_rows(reader: TensorReader, plan: LayoutPlan, layer_idx: int, kind: 
 
 # ── verification, model card, the command ──
 
-def verify_logits(source: Source, directory: Path, plan: LayoutPlan, options: QkvLayoutOptions,
-                  layerwise: bool = False):
-    """Both stock models on real text: whole (logits + greedy generation), or — when two fp32 copies do not fit in
-    memory — one decoder layer of each at a time (`netmorph.verify_layerwise`)."""
-    from transformers import AutoModelForCausalLM
+class QkvLayoutSurgery(Surgery):
+    """The same model with its q/k/v projections in another layout (see the module docstring)."""
 
-    if layerwise:
-        from netmorph.verify_layerwise import compare_layerwise
+    command = "qkv-layout"
+    verb = "rearranging"
+    tags = ("qkv-layout",)
+    reads_any_qkv_layout = True
 
-        log.info("verifying layer by layer: two fp32 copies of the model do not fit in memory")
-        return compare_layerwise(source.path, directory, default_texts(), tolerance=options.tolerance,
-                                 attn_implementation=plan.target_spec.attention_backend, progress=options.progress)
-    converted = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                     attn_implementation=plan.target_spec.attention_backend).eval()
-    original = source.load_model(plan.source_spec.attention_backend)
-    return compare_models(original, converted, source.load_tokenizer(), default_texts(), DEFAULT_PROMPTS,
-                          tolerance=options.tolerance)
+    def __init__(self, source, options: QkvLayoutOptions):
+        super().__init__(source, options)
+        self.plan, self.config = plan_conversion(source, source.reader(), options.to, options.allow_non_stock)
+        self.source_backend = self.plan.source_spec.attention_backend
+        self.output_backend = self.plan.target_spec.attention_backend
+        self.round_trip_tensors = 0
 
+    def stream(self, reader: TensorReader, writer) -> None:
+        convert_tensors(reader, self.plan, writer)
 
-def write_model_card(directory: Path, source: Source, plan: LayoutPlan, result: LayoutResult) -> None:
-    heads = plan.heads
-    lines = [
-        "---", "library_name: transformers", "tags: [netmorph, qkv-layout]", "---",
-        f"# `{source.description}` with q/k/v in the {plan.target_layout} layout", "",
-        "Converted by [netmorph](https://pypi.org/project/netmorph/) `qkv-layout`: a row permutation, so every "
-        "weight and bias keeps its exact bits.", "",
-        f"- Source: `{source.description}` (model_type `{source.config.model_type}`, {plan.source_layout} layout)",
-        f"- Heads: {heads.num_heads} query, {heads.num_kv_heads} key/value ({heads.kind})",
-        f"- Output: {plan.note}; q/k/v tensors `{', '.join(plan.target_qkv)}` in every layer",
-    ]
-    if not plan.stock:
-        lines += [
-            "", f"**No stock transformers class reads this layout.** config.json records `{MARKER}: "
-            f"\"{plan.target_layout}\"`; convert it back with `netmorph qkv-layout <this dir> --to "
-            f"{plan.source_spec.qkv_layout} -o DIR`.",
+    def bit_checks(self, reader: TensorReader, directory: Path) -> list[str]:
+        """Converting the written tensors back gives the source's bits, and every q/k/v row sits where the target
+        layout's definition puts it (`check_row_placement`, independent of the conversion code)."""
+        self.round_trip_tensors, problem = check_round_trip(reader, directory, self.plan)
+        problems = [p for p in (problem, check_row_placement(reader, directory, self.plan)) if p]
+        if not problems:
+            log.info("round trip: %d written tensors convert back to the source's bits; every q/k/v row sits where "
+                     "the %s layout puts it", self.round_trip_tensors, self.plan.target_layout)
+        return problems
+
+    @property
+    def verifiable(self) -> bool:
+        return self.plan.stock and self.plan.source_stock
+
+    def card(self) -> Card:
+        plan, heads = self.plan, self.plan.heads
+        lines = [
+            "- A row permutation: every weight and bias keeps its exact bits.",
+            f"- Source layout: {plan.source_layout}; heads: {heads.num_heads} query, {heads.num_kv_heads} key/value "
+            f"({heads.kind})",
+            f"- Output: {plan.note}; q/k/v tensors `{', '.join(plan.target_qkv)}` in every layer",
         ]
-    lines += ["", "## Verification", ""]
-    for problem in result.layout_problems:
-        lines.append(f"- **Verification FAILED**: {problem}. Please report it with this card.")
-    if result.round_trip_tensors and not result.layout_problems:
-        lines.append(f"- {result.round_trip_tensors} written tensors read back and converted back: the source's bits; "
-                     f"every q/k/v row sits where the {plan.target_layout} layout's definition puts it.")
-    if result.reports:
-        lines += ["", *card_lines(result.reports)[2:]]
-    if not result.round_trip_tensors and not result.reports:
-        lines.append("Not run (`--no-verify`).")
-    (directory / "README.md").write_text("\n".join(lines) + "\n")
+        if not plan.stock:
+            lines.append(f"- **No stock transformers class reads this layout.** config.json records `{MARKER}: "
+                         f"\"{plan.target_layout}\"`; convert it back with `netmorph qkv-layout <this dir> --to "
+                         f"{plan.source_spec.qkv_layout} -o DIR`.")
+        if self.round_trip_tensors:
+            lines.append(f"- Checked: {self.round_trip_tensors} written tensors read back and converted back give the "
+                         f"source's bits; every q/k/v row sits where the {plan.target_layout} layout's definition puts "
+                         "it.")
+        return Card(f"`{self.source.description}` with q/k/v in the {plan.target_layout} layout", lines)
+
+    def summary(self) -> str:
+        return self.plan.note
 
 
-def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, options: QkvLayoutOptions) -> LayoutResult:
-    source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
-                            any_qkv_layout=True)
-    if output_dir is None:
-        raise NetmorphError("no output directory: pass --output-dir DIR")
-    output_dir = Path(output_dir).expanduser()
-    check_output_dir(output_dir, options.force, source.input_paths)
-    reader = source.reader()
-    plan, target_config = plan_conversion(source, reader, options.to, options.allow_non_stock)
-    tensor_plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), plan, recorder))
-    log.info("qkv layout of %s (%s, %s → %s) → %s: %s", source.description, plan.source_spec.model_type,
-             plan.source_layout, plan.target_layout, output_dir, plan.note)
-    result = LayoutResult(output_dir, plan)
-    with atomic_output_dir(output_dir) as tmp:
-        with StreamingWriter(tmp, tensor_plan, parse_size(options.max_shard_size), progress=options.progress,
-                             description="rearranging") as writer:
-            convert_tensors(reader, plan, writer)
-            writer.finish()
-        release_freed_memory()
-        target_config.save_pretrained(tmp)
-        source.save_tokenizer(tmp)
-        source.save_generation_config(tmp)
-        if options.verify or options.debug:
-            result.round_trip_tensors, problem = check_round_trip(reader, tmp, plan)
-            result.layout_problems = [p for p in (problem, check_row_placement(reader, tmp, plan)) if p]
-            if not result.layout_problems:
-                log.info("round trip: %d written tensors convert back to the source's bits; every q/k/v row sits "
-                         "where the %s layout puts it", result.round_trip_tensors, plan.target_layout)
-            whole = plan.stock and plan.source_stock and whole_models_fit(reader)
-            if plan.stock and plan.source_stock and (whole or source.kind == "hf"):
-                result.reports.append(verify_logits(source, tmp, plan, options, layerwise=not whole))
-                check_tokenizer(result.reports[-1], source, tmp)
-        write_model_card(tmp, source, plan, result)
-    problem = "; ".join(filter(None, [*result.layout_problems, failure(result.reports)]))
-    if problem:  # a layout change is exact: the checkpoint stays (its card says FAILED) for the bug report
-        raise VerificationFailed(problem, result)
-    return result
+def convert_qkv_layout(source_arg: str | None, output_dir: str | Path | None, options: QkvLayoutOptions):
+    """SOURCE → the same model with q/k/v in `options.to`, verified. Returns the pipeline's Result (its `plan` is the
+    LayoutPlan); raises NetmorphError on bad input, VerificationFailed when a check fails."""
+    return run(QkvLayoutSurgery, source_arg, output_dir, options)

@@ -32,7 +32,7 @@ from torch import nn
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader, TensorReader
 from netmorph.io.streaming import release_freed_memory
-from netmorph.verify import TOKENIZER_LINES, TextComparison, clip_to_context, compare_logits, context_length
+from netmorph.verify.compare import TOKENIZER_LINES, TextComparison, clip_to_context, compare_logits, context_length
 
 log = logging.getLogger("netmorph")
 
@@ -70,6 +70,7 @@ class LayerwiseReport:
     texts: list[TextComparison] = field(default_factory=list)
     top1_agreement: list[float] = field(default_factory=list)
     tokenizer_match: bool | None = None  # as VerifyReport.tokenizer_match
+    dtype: str = "float32"  # the precision both models run in
 
     @property
     def max_abs_logit_diff(self) -> float:
