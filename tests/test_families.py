@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 from netmorph.arch import COMMANDS, FAMILIES, ROLE_SPACES, spec_for
 from netmorph.arch.families import QKV_LAYOUTS
 from netmorph.errors import NetmorphError
-from netmorph.ops import grow as ops
+from netmorph.arch.layer_view import LayerView
+from netmorph.io.reader import StateDictReader
+from netmorph.ops.qkv_layout import Heads
 from tests.grow_helpers import MODEL_TYPE, TINY, tiny_config
 
 # Extra variants so every optional tensor of a family shows up somewhere.
@@ -78,15 +80,20 @@ def test_every_stock_tensor_is_named_by_the_spec(models, name, overrides):
     assert ("o.bias" in roles) == spec.bias(config, "o")
     assert ("up.bias" in roles) == spec.bias(config, "mlp")
     assert any(r.startswith("q_norm") or "q_layernorm" in r for r in roles) == spec.has_qk_norm(config)
-    # the fused layout, read back through the spec, has the shapes the model's config implies
+    # the layer, read through the family's LayerView, has the shapes the model's config implies, and stores back
+    # to the same names and bits
     heads, kv = config.num_attention_heads, spec.num_kv_heads(config)
     head_dim = model.model.layers[0].self_attn.head_dim if hasattr(model, "model") and hasattr(
         model.model, "layers") else config.hidden_size // heads
-    if "qkv" in spec.tensors:
-        fused = state[spec.name(0, "qkv", "weight")]
-        fused = fused.T if "qkv" in spec.transposed else fused
-        q, k, v = ops.split_qkv(fused, spec.qkv_layout, heads, kv, head_dim)
-        assert q.shape[0] == heads * head_dim and k.shape[0] == v.shape[0] == kv * head_dim
+    view = LayerView(spec, Heads(heads, kv), head_dim)
+    prefix = spec.layer_prefix.format(i=0)
+    layer, extras = view.read(StateDictReader(state), 0, names=[k for k in state if k.startswith(prefix)])
+    assert layer["q.weight"].shape == (heads * head_dim, config.hidden_size)
+    assert layer["k.weight"].shape == layer["v.weight"].shape == (kv * head_dim, config.hidden_size)
+    assert layer["o.weight"].shape == (config.hidden_size, heads * head_dim)
+    stored = view.store(layer, 0)
+    assert set(stored) | {prefix + suffix for suffix in extras} == {k for k in state if k.startswith(prefix)}
+    assert all(torch.equal(tensor, state[name]) for name, tensor in stored.items())
 
 
 def test_optional_roles_appear_in_some_variant(models):

@@ -52,34 +52,6 @@ def test_qk_dim_positions_keep_rotate_half_pairs():
         assert all(pos[i + d // 2] == pos[i] + d2 // 2 for i in range(d // 2))
 
 
-def test_fused_layouts_round_trip_and_match_the_models_views():
-    heads, d, n = 3, 2, 5
-    qkv = torch.arange(3 * heads * d * n, dtype=D).view(3 * heads * d, n)
-    q, k, v = ops.split_qkv(qkv, "interleaved", heads, heads, d)
-    assert torch.equal(q[:d], qkv[:d]) and torch.equal(k[:d], qkv[d:2 * d]) and torch.equal(v[d:2 * d], qkv[5 * d:6 * d])
-    assert torch.equal(ops.fuse_qkv(q, k, v, "interleaved", heads, heads), qkv)
-    q, k, v = ops.split_qkv(qkv, "sequential", heads, heads, d)
-    assert torch.equal(ops.fuse_qkv(q, k, v, "sequential", heads, heads), qkv) and torch.equal(k, qkv[6:12])
-    gate, up = ops.split_gate_up(qkv)
-    assert torch.equal(ops.fuse_gate_up(gate, up), qkv) and torch.equal(up, qkv[9:])
-
-
-@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 1), (6, 3), (3, 3)])
-def test_grouped_layout_is_falcons_per_group_rows(heads, kv_heads):
-    """Falcon new_decoder_architecture rows: per KV group g, [q heads of g; k_g; v_g] (multi_query: one group)."""
-    d, n, r = 2, 3, heads // kv_heads
-    qkv = torch.arange((heads + 2 * kv_heads) * d * n, dtype=D).view(-1, n)
-    q, k, v = ops.split_qkv(qkv, "grouped", heads, kv_heads, d)
-    block = (r + 2) * d
-    for h in range(heads):
-        g, j = divmod(h, r)
-        assert torch.equal(q[h * d:(h + 1) * d], qkv[g * block + j * d:g * block + (j + 1) * d])
-    for g in range(kv_heads):
-        assert torch.equal(k[g * d:(g + 1) * d], qkv[g * block + r * d:g * block + (r + 1) * d])
-        assert torch.equal(v[g * d:(g + 1) * d], qkv[g * block + (r + 1) * d:(g + 1) * block])
-    assert torch.equal(ops.fuse_qkv(q, k, v, "grouped", heads, kv_heads), qkv)
-
-
 def test_new_layer_zeroes_only_the_writers():
     layer = {"q.weight": randn(4, 3), "o.weight": randn(3, 4), "o.bias": randn(3), "up.weight": randn(5, 3),
              "gate.weight": randn(5, 3), "down.weight": randn(3, 5), "attn_norm.weight": randn(3)}

@@ -154,3 +154,19 @@ def test_every_conversion_round_trips_bit_exactly(config, source, target, bias, 
     assert len(back) == len(start) and all(torch.equal(a, b) for a, b in zip(back, start))
     if source != "separate" and target != "separate":  # same_bytes says when a conversion moves no row at all
         assert same_bytes(source, target, heads) == torch.equal(start[0], converted[0])
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 1), (6, 3), (3, 3)])
+def test_grouped_layout_is_falcons_per_group_rows(heads, kv_heads):
+    """Falcon new_decoder_architecture rows, written out by hand: per KV group g, [q heads of g; k_g; v_g]."""
+    d, n, r = 2, 3, heads // kv_heads
+    qkv = torch.arange((heads + 2 * kv_heads) * d * n, dtype=torch.float64).view(-1, n)
+    q, k, v = split(qkv, "grouped", Heads(heads, kv_heads))
+    block = (r + 2) * d
+    for h in range(heads):
+        g, j = divmod(h, r)
+        assert torch.equal(q[h * d:(h + 1) * d], qkv[g * block + j * d:g * block + (j + 1) * d])
+    for g in range(kv_heads):
+        assert torch.equal(k[g * d:(g + 1) * d], qkv[g * block + r * d:g * block + (r + 1) * d])
+        assert torch.equal(v[g * d:(g + 1) * d], qkv[g * block + (r + 1) * d:(g + 1) * block])
+    assert torch.equal(fuse(q, k, v, "grouped", Heads(heads, kv_heads)), qkv)

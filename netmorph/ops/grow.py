@@ -20,7 +20,6 @@ import torch
 
 from netmorph.arch.families import READERS, RESIDUAL_NORMS, WRITERS
 from netmorph.errors import NetmorphError
-from netmorph.ops import qkv_layout
 
 # READERS (q k v gate up) read the (normalised) residual stream: their new input columns are free. WRITERS (o down)
 # write into it: their new output rows must keep the invariant. Both follow from arch.families.ROLE_SPACES.
@@ -45,34 +44,6 @@ def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
 
 def _std(layer_tensor: torch.Tensor, init_std: float | None) -> float:
     return init_std if init_std is not None else tensor_std(layer_tensor)
-
-
-# ── fused layouts ───────────────────────────────────────────────────────────────────────────────────────────────
-
-
-def split_qkv(qkv: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """A fused q/k/v weight (rows = outputs) or bias → (q, k, v), for the layouts in netmorph/arch QKV_LAYOUTS; the
-    row maps are netmorph/ops/qkv_layout.py's (`head_dim` follows from the rows there, checked against this one)."""
-    parts = qkv_layout.split(qkv, layout, qkv_layout.Heads(heads, kv_heads))
-    if parts[0].shape[0] != heads * head_dim:
-        raise NetmorphError(f"a fused q/k/v tensor of {qkv.shape[0]} rows does not hold {heads} query heads of "
-                            f"{head_dim} dims: the weights and config.json do not belong together")
-    return parts
-
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, heads: int, kv_heads: int) -> torch.Tensor:
-    """The inverse of `split_qkv`."""
-    return qkv_layout.fuse(q, k, v, layout, qkv_layout.Heads(heads, kv_heads))
-
-
-def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phi-3 `gate_up_proj`: rows are [gate; up] (the model chunks the output in two)."""
-    gate, up = gate_up.chunk(2, dim=0)
-    return gate, up
-
-
-def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0)
 
 
 # ── depth ───────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from netmorph.arch import ArchSpec, spec_for
+from netmorph.arch.layer_view import LayerView
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import TensorReader
 from netmorph.io.streaming import pass_through
@@ -202,44 +203,23 @@ def stream_attention_layers(reader: TensorReader, config, spec: ArchSpec, writer
         raise NetmorphError(f"the checkpoint has no attention weights for layer {missing[0]}: it is incomplete")
 
 
-def read_role(reader: TensorReader, spec: ArchSpec, layer_idx: int, role: str, kind: str) -> torch.Tensor | None:
-    """One attention tensor of the source in nn.Linear layout ([out, in]; GPT-2's Conv1D is stored [in, out])."""
-    key = spec.name(layer_idx, role, kind)
-    if key not in reader:
-        if kind == "weight":
-            raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
-        return None
-    tensor = reader.get(key)
-    return tensor.T.contiguous() if kind == "weight" and role in spec.transposed else tensor
+def attention_view(config, spec: ArchSpec) -> LayerView:
+    """The source's layers as its family stores them, with the head counts of its config."""
+    heads, num_kv, head_dim = head_counts(config, spec)
+    return LayerView(spec, qkv_layout.Heads(heads, num_kv), head_dim)
 
 
 def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int) -> dict[str, torch.Tensor]:
-    """One layer's attention as separate {q,k,v,o}_proj.{weight,bias} in nn.Linear layout: a fused QKV tensor is
-    split by its layout (netmorph/ops/qkv_layout.py), so every family converts through the same function."""
-    heads, num_kv, _ = head_counts(config, spec)
-    attn = {}
-    for kind in ("weight", "bias"):
-        if "qkv" in spec.tensors:
-            fused = read_role(reader, spec, layer_idx, "qkv", kind)
-            parts = None if fused is None else qkv_layout.split(fused, spec.qkv_layout, qkv_layout.Heads(heads, num_kv))
-        else:
-            parts = [read_role(reader, spec, layer_idx, role, kind) for role in ("q", "k", "v")]
-        for proj, tensor in zip(("q_proj", "k_proj", "v_proj"), parts or (None,) * 3):
-            if tensor is not None:
-                attn[f"{proj}.{kind}"] = tensor
-        out = read_role(reader, spec, layer_idx, "o", kind)
-        if out is not None:
-            attn[f"o_proj.{kind}"] = out
-    for proj in ATTENTION_TENSORS:
-        expected, shape = _expected_shape(proj, config, spec), tuple(attn[f"{proj}.weight"].shape)
-        if shape != expected:
-            fused = "qkv" in spec.tensors and proj != "o_proj"
-            what = f"{spec.name(layer_idx, 'qkv', 'weight')} holds a {proj} that" if fused else spec.name(layer_idx, proj[0], "weight")
-            raise NetmorphError(
-                f"{what} has shape {shape} but config.json implies {expected}: "
-                "the weights and config.json do not belong together"
-            )
-    return attn
+    """One layer's attention as separate {q,k,v,o}_proj.{weight,bias} in nn.Linear layout ([out, in]), read through
+    the family's LayerView (a fused QKV tensor split by its layout), so every family converts through the same
+    function. Raises NetmorphError for an absent weight or a shape config.json does not imply."""
+    view = attention_view(config, spec)
+    layer, _ = view.read(reader, layer_idx, roles=ATTENTION_ROLES)
+    view.require(layer, ("q", "k", "v", "o"), layer_idx)
+    view.check_shapes(layer, {f"{proj[0]}.weight": _expected_shape(proj, config, spec) for proj in ATTENTION_TENSORS},
+                      layer_idx)
+    return {f"{role}_proj.{kind}": layer[f"{role}.{kind}"].contiguous()
+            for kind in ("weight", "bias") for role in "qkvo" if f"{role}.{kind}" in layer}
 
 
 def convert_layer(

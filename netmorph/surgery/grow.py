@@ -18,10 +18,12 @@ import torch
 
 from netmorph.arch import ArchSpec, spec_for
 from netmorph.arch.families import GROW_DIMS
+from netmorph.arch.layer_view import LayerView
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
 from netmorph.io.streaming import CastingWriter, pass_through
 from netmorph.ops import grow as ops
+from netmorph.ops.qkv_layout import Heads
 from netmorph.options import GrowOptions
 from netmorph.pipeline import Card, Surgery, run
 from netmorph.verify.compare import own_rounding
@@ -295,76 +297,31 @@ def _layer_keys(reader: TensorReader, spec: ArchSpec) -> dict[int, list[str]]:
     return layers
 
 
-def canonical_layer(stored: dict, spec: ArchSpec, layer_idx: int, dims: Dims) -> dict:
-    """`role.kind` tensors as the family stores them → canonical form (ops/grow.py): nn.Linear orientation
-    (GPT-2's Conv1D transposed back), fused q/k/v and gate/up split."""
-    layer = {name: (t.T if name.endswith(".weight") and name.split(".")[0] in spec.transposed else t)
-             for name, t in stored.items()}
-    q_rows, kv_rows = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    for kind in ("weight", "bias"):
-        if f"qkv.{kind}" in layer:
-            qkv = layer.pop(f"qkv.{kind}")
-            expected = q_rows + 2 * kv_rows
-            if qkv.shape[0] != expected:
-                raise NetmorphError(f"layer {layer_idx} fused qkv has {qkv.shape[0]} rows but config.json implies "
-                                    f"{expected}: the weights and config.json do not belong together")
-            parts = ops.split_qkv(qkv, spec.qkv_layout, dims.heads, dims.kv_heads, dims.head_dim)
-            layer.update({f"{role}.{kind}": t for role, t in zip("qkv", parts)})
-        if f"gate_up.{kind}" in layer:
-            layer[f"gate.{kind}"], layer[f"up.{kind}"] = ops.split_gate_up(layer.pop(f"gate_up.{kind}"))
-    return layer
-
-
-def stored_layer(layer: dict, spec: ArchSpec, dims: Dims) -> dict:
-    """The inverse of `canonical_layer`: canonical tensors → `role.kind` tensors as the family stores them."""
-    layer = dict(layer)
-    for kind in ("weight", "bias"):
-        if "qkv" in spec.tensors and f"q.{kind}" in layer:
-            q, k, v = (layer.pop(f"{role}.{kind}") for role in "qkv")
-            layer[f"qkv.{kind}"] = ops.fuse_qkv(q, k, v, spec.qkv_layout, dims.heads, dims.kv_heads)
-        if "gate_up" in spec.tensors and f"gate.{kind}" in layer:
-            layer[f"gate_up.{kind}"] = ops.fuse_gate_up(layer.pop(f"gate.{kind}"), layer.pop(f"up.{kind}"))
-    return {name: (t.T if name.endswith(".weight") and name.split(".")[0] in spec.transposed else t)
-            for name, t in layer.items()}
+def layer_view(spec: ArchSpec, dims: Dims) -> LayerView:
+    """The family's stored layers with the head counts and head_dim of `dims` (the source's or the target's)."""
+    return LayerView(spec, Heads(dims.heads, dims.kv_heads), dims.head_dim)
 
 
 def read_layer(reader: TensorReader, spec: ArchSpec, layer_idx: int, names: list[str], dims: Dims):
-    """Canonical float64 tensors of one layer (fused layouts split), plus any tensors the spec does not know."""
-    prefix = spec.layer_prefix.format(i=layer_idx)
-    by_name = {f"{suffix}.{kind}": f"{role}.{kind}" for role, suffix in spec.tensors.items()
-               for kind in ("weight", "bias")}
-    stored, extras = {}, {}
-    for name in names:
-        canonical = by_name.get(name[len(prefix):])
-        if canonical is None:
-            extras[name[len(prefix):]] = reader.get(name)
-        else:
-            stored[canonical] = reader.get(name).to(ops.DTYPE)
-    layer = canonical_layer(stored, spec, layer_idx, dims)
-    _check_layer_shapes(layer, layer_idx, dims)
+    """Canonical float64 tensors of one layer (fused layouts split, Conv1D transposed; netmorph/arch/layer_view.py),
+    plus the tensors of no known role by their name under the layer prefix. Raises NetmorphError for an absent
+    weight or a shape config.json does not imply."""
+    view = layer_view(spec, dims)
+    layer, extras = view.read(reader, layer_idx, dtype=ops.DTYPE, names=names)
+    view.require(layer, ("q", "k", "v", "o", "up", "down"), layer_idx)
+    view.check_shapes(layer, {"q.weight": (dims.heads * dims.head_dim, dims.hidden),
+                              "k.weight": (dims.kv_heads * dims.head_dim, dims.hidden),
+                              "o.weight": (dims.hidden, dims.heads * dims.head_dim),
+                              "up.weight": (dims.intermediate, dims.hidden),
+                              "down.weight": (dims.hidden, dims.intermediate)}, layer_idx)
     return layer, extras
 
 
-def _check_layer_shapes(layer: dict, layer_idx: int, dims: Dims) -> None:
-    expected = {"q.weight": (dims.heads * dims.head_dim, dims.hidden),
-                "k.weight": (dims.kv_heads * dims.head_dim, dims.hidden),
-                "o.weight": (dims.hidden, dims.heads * dims.head_dim),
-                "up.weight": (dims.intermediate, dims.hidden), "down.weight": (dims.hidden, dims.intermediate)}
-    for name, shape in expected.items():
-        if name not in layer:
-            raise NetmorphError(f"layer {layer_idx} has no {name.split('.')[0]} weight: the checkpoint is incomplete "
-                                "or not of the family its config.json names")
-        if tuple(layer[name].shape) != shape:
-            raise NetmorphError(f"layer {layer_idx} {name} has shape {tuple(layer[name].shape)} but config.json implies "
-                                f"{shape}: the weights and config.json do not belong together")
-
-
 def write_layer(layer: dict, extras: dict, spec: ArchSpec, layer_idx: int, dims: Dims, dtype, writer) -> None:
-    layer = stored_layer(layer, spec, dims)
+    """One grown layer to the writer in `dtype`, stored as the family stores it (the inverse of `read_layer`)."""
     # Copies, never views: a new layer may share tensors with its source, and safetensors refuses shared memory.
-    for canonical, tensor in layer.items():
-        role, kind = canonical.split(".")
-        writer.add(spec.name(layer_idx, role, kind), tensor.to(dtype, copy=True).contiguous())
+    for name, tensor in layer_view(spec, dims).store(layer, layer_idx).items():
+        writer.add(name, tensor.to(dtype, copy=True).contiguous())
     prefix = spec.layer_prefix.format(i=layer_idx)
     for suffix, tensor in extras.items():
         writer.add(prefix + suffix, tensor.clone())

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import FAMILIES, ArchSpec, spec_for
+from netmorph.arch.layer_view import LayerView
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader, TensorReader
 from netmorph.io.streaming import pass_through
-from netmorph.ops.grow import split_gate_up
-from netmorph.ops.qkv_layout import Heads, check_expressible, relayout, same_bytes
+from netmorph.ops.qkv_layout import Heads, check_expressible, same_bytes
 from netmorph.options import QkvLayoutOptions
 from netmorph.pipeline import Card, Surgery, run
 from netmorph.sources import Source
@@ -215,36 +215,21 @@ def plan_conversion(source: Source, reader: TensorReader, target_layout: str, al
 
 # ── streaming the tensors ──
 
+def layer_views(plan: LayoutPlan) -> tuple[LayerView, LayerView]:
+    """The source's and the target's layers, each in its layout under its names."""
+    return (LayerView(plan.source_spec, plan.heads, layout=plan.source_layout, qkv_names=plan.source_qkv),
+            LayerView(plan.target_spec, plan.heads, layout=plan.target_layout, qkv_names=plan.target_qkv))
+
+
 def convert_layer(reader: TensorReader, plan: LayoutPlan, layer_idx: int) -> dict[str, torch.Tensor]:
-    """One layer's q/k/v (weights, then biases) and, across families, its MLP gate/up, in the target layout."""
-    source_prefix = plan.source_spec.layer_prefix.format(i=layer_idx)
-    target_prefix = plan.target_spec.layer_prefix.format(i=layer_idx)
-    out = {}
-    for kind in ("weight", "bias"):
-        names = [f"{source_prefix}{name}.{kind}" for name in plan.source_qkv]
-        present = [name for name in names if name in reader]
-        if not present:
-            if kind == "weight":
-                raise NetmorphError(f"the checkpoint has no {names[0]}: it is incomplete or not a "
-                                    f"{plan.source_spec.model_type} model in the {plan.source_layout} layout")
-            continue
-        if len(present) != len(names):
-            missing = next(name for name in names if name not in present)
-            raise NetmorphError(f"the checkpoint has {present[0]} but no {missing}: q, k and v need all or no biases")
-        parts = tuple(reader.get(name) for name in names)
-        transpose = plan.transposed and kind == "weight"
-        if transpose:
-            parts = tuple(part.T for part in parts)
-        converted = relayout(parts, plan.source_layout, plan.target_layout, plan.heads)
-        if transpose:
-            converted = tuple(part.T.contiguous() for part in converted)
-        out.update({f"{target_prefix}{name}.{kind}": tensor for name, tensor in zip(plan.target_qkv, converted)})
-    if plan.source_mlp:
-        parts = [reader.get(f"{source_prefix}{name}.weight") for name in plan.source_mlp]
-        merged = split_gate_up(parts[0]) if len(parts) == 1 else (torch.cat(parts, dim=0),)  # [gate; up]
-        out.update({f"{target_prefix}{name}.weight": tensor.contiguous()
-                    for name, tensor in zip(plan.target_mlp, merged)})
-    return out
+    """One layer's q/k/v (and, across families, its MLP gate/up) read in the source's layout and stored in the
+    target's: {full output name: tensor}, the same bits in other places. Raises NetmorphError for an absent q/k/v
+    weight or q/k/v biases that are not all present."""
+    source, target = layer_views(plan)
+    roles = ("q", "k", "v") + (("gate", "up") if plan.source_mlp else ())
+    layer, _ = source.read(reader, layer_idx, roles=roles)
+    source.require(layer, roles, layer_idx)
+    return {name: tensor.contiguous() for name, tensor in target.store(layer, layer_idx).items()}
 
 
 def convert_tensors(reader: TensorReader, plan: LayoutPlan, writer) -> None:
