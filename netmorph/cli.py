@@ -23,9 +23,18 @@ class _Group(click.Group):
             sys.exit(1)
         except NetmorphError as e:
             _fail(str(e))
+        except click.NoSuchOption as e:
+            if e.option_name in RENAMED_FLAGS:
+                _fail(f"{e.option_name} was replaced by {RENAMED_FLAGS[e.option_name]}")
+            command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
+            _fail(f"{e.format_message()} (see `{command} --help`)")
         except click.UsageError as e:
             command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
             _fail(f"{e.format_message()} (see `{command} --help`)")
+
+
+RENAMED_FLAGS = {"--zero-init": "--negative-init zero", "--mirror-weights": "--negative-init mirror",
+                 "--no-zero-init": "--negative-init normal", "--no-mirror-weights": "--negative-init normal"}
 
 
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # everything str.splitlines() splits on
@@ -74,9 +83,9 @@ def convert_diff_transformer_command(source, output_dir, **values):
 
     \b
     Exact modes (the converted model computes the original function; mix = 0 after conversion):
-      default          negative q/k small zero-mean normal (--negative-std)
-      --zero-init      negative q/k zeros; caveat: zero q2 AND zero k2 is a saddle, neither gets a gradient
-      --mirror-weights negative q/k copy the positive ones
+      default          negative q/k small zero-mean normal (--negative-init normal, --negative-std)
+      --negative-init zero    negative q/k zeros; caveat: zero q2 AND zero k2 is a saddle, neither gets a gradient
+      --negative-init mirror  negative q/k copy the positive ones
       --lambda-start zero  λ = 0 exactly at any mix, still trainable
       --variant v2     DIFF V2: paired query heads, per-token λ = sigmoid(lambda_proj(x)) (bitwise exact)
     Approximate modes (the measured divergence is printed and put in the model card):

@@ -71,8 +71,7 @@ class CheckpointOptions(BaseModel):
 class ConvertOptions(CheckpointOptions):
     """Options of `netmorph convert-diff-transformer`."""
 
-    zero_init: bool = Field(False, description="Negative q/k start at zero (exact; but zero q2 AND zero k2 is a saddle: neither gets a gradient).")
-    mirror_weights: bool = Field(False, description="Negative q/k start as copies of the positive ones (exact while mix=0).")
+    negative_init: Literal["normal", "zero", "mirror"] = Field("normal", description="Init of the new negative q/k (all exact while mix=0). normal: small zero-mean normal (--negative-std). zero: zeros (but zero q2 AND zero k2 is a saddle: neither gets a gradient). mirror: copies of the positive q/k.")
     negative_std: float = Field(0.02, gt=0, description="Std of the small zero-mean normal init of the negative q/k (default mode).")
     split_heads: bool = Field(False, description="Use half of the existing heads as the negative component (approximate; needs even head counts).")
     sublayer_norm: bool = Field(False, description="Add the paper's per-head RMSNorm before o_proj (approximate).")
@@ -82,6 +81,18 @@ class ConvertOptions(CheckpointOptions):
     variant: Literal["v1", "v2"] = Field("v1", description="v1: the paper's differential attention (λ vectors, λ_init, mix). v2: DIFF V2 — 2H query heads in one attention call, K/V unchanged, per-token λ = sigmoid(lambda_proj(x)); exact from paired heads.")
     export: Literal["netmorph", "diffllama"] = Field("netmorph", description="netmorph: netmorph's differential-attention model (exact; remote code). diffllama: a stock transformers DiffLlama checkpoint (no remote code; approximate, divergence measured).")
     diffllama_anchor: float = Field(100.0, ge=0, description="--export diffllama: value anchor that keeps DiffLlama's per-head RMSNorm nearly linear (larger: closer to the source, slower o_proj learning; 0: no anchor).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        """netmorph ≤ 0.2 spelled the negative init as two booleans: name the replacement instead of "extra key"."""
+        if isinstance(values, dict):
+            for old, mode in (("zero_init", "zero"), ("mirror_weights", "mirror")):
+                if values.get(old):
+                    raise ValueError(f"{old} was replaced by negative_init: use --negative-init {mode} "
+                                     f"(YAML: negative_init: {mode})")
+                values = {k: v for k, v in values.items() if k != old or v is None}
+        return values
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -95,26 +106,21 @@ class ConvertOptions(CheckpointOptions):
                 raise ValueError("--export diffllama verifies the whole model: drop --verify-mode layerwise")
         if self.variant == "v2":
             conflicting = [flag for flag, on in (("--split-heads", self.split_heads), ("--sublayer-norm", self.sublayer_norm),
-                                                 ("--zero-init", self.zero_init), ("--mirror-weights", self.mirror_weights),
+                                                 (f"--negative-init {self.negative_init}", self.negative_init != "normal"),
                                                  ("--lambda-start zero", self.lambda_start == "zero"),
                                                  ("--export diffllama", self.export == "diffllama")) if on]
             if conflicting:
                 raise ValueError(f"{conflicting[0]} does not apply to --variant v2 (its negative heads are mirrored "
                                  "query heads and λ = sigmoid(lambda_proj(x))): drop it or drop --variant v2")
-        if self.zero_init and self.mirror_weights:
-            raise ValueError("--zero-init and --mirror-weights conflict: choose one negative-component init")
-        if self.split_heads and (self.zero_init or self.mirror_weights):
-            raise ValueError("--split-heads reuses existing heads as the negative component: drop --zero-init/--mirror-weights")
+        if self.split_heads and self.negative_init != "normal":
+            raise ValueError(f"--split-heads reuses existing heads as the negative component: drop --negative-init "
+                             f"{self.negative_init}")
         return self
 
     @property
     def diff_layout(self) -> str:
         """The converted model's attention layout: "doubled", "split" (--split-heads) or "v2" (--variant v2)."""
         return "v2" if self.variant == "v2" else "split" if self.split_heads else "doubled"
-
-    @property
-    def negative_init(self) -> str:
-        return "zero" if self.zero_init else "mirror" if self.mirror_weights else "normal"
 
     @property
     def exact(self) -> bool:

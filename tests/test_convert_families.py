@@ -247,7 +247,7 @@ def family_configs(draw):
         overrides["layer_types"] = [draw(st.sampled_from(["sliding_attention", "full_attention"])) for _ in range(layers)]
     if variant in ("gemma", "gemma2", "gemma3_text", "qwen3", "olmo2"):
         overrides["tie_word_embeddings"] = draw(st.booleans())
-    mode = draw(st.sampled_from([{}, {"zero_init": True}, {"mirror_weights": True}, {"lambda_start": "zero"}]))
+    mode = draw(st.sampled_from([{}, {"negative_init": "zero"}, {"negative_init": "mirror"}, {"lambda_start": "zero"}]))
     return variant, overrides, mode, draw(st.integers(0, 2**16)), draw(st.integers(1, 20))
 
 

@@ -14,8 +14,8 @@ from tests.helpers import convert, save_tiny_model
 
 MODES = {
     "default": {},
-    "zero-init": {"zero_init": True},
-    "mirror": {"mirror_weights": True},
+    "zero-init": {"negative_init": "zero"},
+    "mirror": {"negative_init": "mirror"},
     "split-heads": {"split_heads": True},
     "sublayer-norm": {"sublayer_norm": True},
     "lambda-start-zero": {"lambda_start": "zero"},

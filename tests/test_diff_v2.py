@@ -83,6 +83,6 @@ def test_v2_refuses_v1_only_flags(tmp_path):
     source = save_tiny_model(tmp_path / "llama", "llama")
     with pytest.raises(NetmorphError, match="--split-heads does not apply to --variant v2"):
         convert(source, tmp_path / "out", variant="v2", split_heads=True)
-    with pytest.raises(NetmorphError, match="--mirror-weights does not apply to --variant v2"):
-        convert(source, tmp_path / "out", variant="v2", mirror_weights=True)
+    with pytest.raises(NetmorphError, match="--negative-init mirror does not apply to --variant v2"):
+        convert(source, tmp_path / "out", variant="v2", negative_init="mirror")
     assert not (tmp_path / "out").exists()

@@ -348,16 +348,15 @@ def grow_falcon_multi_query_kv(case):
     return ["grow", case.src, "-o", case.out, "--num-key-value-heads", "2"]
 
 
-@row("`--zero-init --mirror-weights`",
-     "--zero-init and --mirror-weights conflict: choose one negative-component init")
-def zero_and_mirror(case):
-    return [CONVERT, case.src, "-o", case.out, "--zero-init", "--mirror-weights"]
+@row("`--zero-init` (netmorph ≤ 0.2)", "--zero-init was replaced by --negative-init zero")
+def renamed_zero_init(case):
+    return [CONVERT, case.src, "-o", case.out, "--zero-init"]
 
 
-@row("`--split-heads --zero-init`",
-     "--split-heads reuses existing heads as the negative component: drop --zero-init/--mirror-weights")
+@row("`--split-heads --negative-init zero`",
+     "--split-heads reuses existing heads as the negative component: drop --negative-init zero")
 def split_and_zero(case):
-    return [CONVERT, case.src, "-o", case.out, "--split-heads", "--zero-init"]
+    return [CONVERT, case.src, "-o", case.out, "--split-heads", "--negative-init", "zero"]
 
 
 @row("`--max-shard-size lots`",

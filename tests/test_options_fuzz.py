@@ -103,7 +103,7 @@ def test_cli_flags_from_any_argument_list(tmp_path, args):
 
 # Flags with values that parse, so that many combinations get past the parser and convert for real.
 real_flags = st.lists(st.sampled_from([
-    ["--split-heads"], ["--zero-init"], ["--mirror-weights"], ["--sublayer-norm"], ["--variant", "v2"],
+    ["--split-heads"], ["--negative-init", "zero"], ["--negative-init", "mirror"], ["--sublayer-norm"], ["--variant", "v2"],
     ["--variant", "v1"], ["--lambda-start", "zero"], ["--negative-std", "0.5"], ["--lambda-std", "0"],
     ["--seed", "7"], ["--max-shard-size", "4KB"], ["--tolerance", "1e-3"], ["--export", "diffllama"], ["--no-verify"],
     ["--verify-mode", "layerwise"], ["--diffllama-anchor", "0"], ["--force"], ["--seed", "x"], ["--bogus"],
@@ -134,3 +134,13 @@ def test_cli_flags_on_a_real_tiny_source(real_source, tmp_path_factory, args):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("old, mode", [("zero_init", "zero"), ("mirror_weights", "mirror")])
+def test_the_old_negative_init_booleans_name_their_replacement(old, mode):
+    from netmorph.options import ConvertOptions
+
+    with pytest.raises(NetmorphError, match=f"^{old} was replaced by negative_init: use --negative-init {mode} "):
+        ConvertOptions.build(**{old: True})
+    assert ConvertOptions.build(**{old: False}).negative_init == "normal"
+    assert ConvertOptions.build(negative_init=mode).negative_init == mode

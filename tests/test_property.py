@@ -28,7 +28,7 @@ def configs(draw):
         hidden_size=heads * draw(st.integers(1, 4)) * 2,
         num_hidden_layers=draw(st.integers(1, 3)),
         tie_word_embeddings=draw(st.booleans()),
-        mode=draw(st.sampled_from([{}, {"zero_init": True}, {"mirror_weights": True}, {"lambda_start": "zero"}])),
+        mode=draw(st.sampled_from([{}, {"negative_init": "zero"}, {"negative_init": "mirror"}, {"lambda_start": "zero"}])),
         seed=draw(st.integers(0, 2**16)),
         length=draw(st.integers(1, 20)),
     )

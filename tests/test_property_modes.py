@@ -94,7 +94,7 @@ def doubled_configs(draw):
         tie_word_embeddings=draw(st.booleans()),
         **extras,
         mode=dict(
-            draw(st.sampled_from([{}, {"zero_init": True}, {"mirror_weights": True}])),
+            draw(st.sampled_from([{}, {"negative_init": "zero"}, {"negative_init": "mirror"}])),
             lambda_start=draw(st.sampled_from(["paper", "zero"])),
             negative_std=draw(st.floats(1e-4, 1.0)),
             lambda_std=draw(st.floats(0.0, 1.0)),

@@ -14,7 +14,7 @@ from tests.helpers import convert, load
 
 pytestmark = pytest.mark.real_model
 
-EXACT_MODES = {"default": {}, "zero-init": {"zero_init": True}, "mirror": {"mirror_weights": True}}
+EXACT_MODES = {"default": {}, "zero-init": {"negative_init": "zero"}, "mirror": {"negative_init": "mirror"}}
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_streaming_writer_refuses_what_was_not_planned(tmp_path):
     writer.close()
 
 
-MODES = {"default": {}, "mirror": {"mirror_weights": True}, "split": {"split_heads": True},
+MODES = {"default": {}, "mirror": {"negative_init": "mirror"}, "split": {"split_heads": True},
          "sublayer-lambda-zero": {"sublayer_norm": True, "lambda_start": "zero", "seed": 3}}
 
 

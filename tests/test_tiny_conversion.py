@@ -9,8 +9,8 @@ pytestmark = pytest.mark.compat  # also run against the oldest and newest transf
 
 EXACT_MODES = {
     "default": {},
-    "zero-init": {"zero_init": True},
-    "mirror": {"mirror_weights": True},
+    "zero-init": {"negative_init": "zero"},
+    "mirror": {"negative_init": "mirror"},
     "lambda-zero": {"lambda_start": "zero"},
 }
 
