@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from netmorph.io.reader import TensorSpec  # noqa: E402
+from netmorph.io.reader import TensorInfo  # noqa: E402
 from netmorph.io.streaming import StreamingWriter  # noqa: E402
 from netmorph.options import size_in_bytes  # noqa: E402
 from netmorph.sources import resolve_source  # noqa: E402
@@ -59,7 +59,7 @@ def synthesize(directory: Path, layers: int, shard_bytes: int) -> LlamaConfig:
     config.save_pretrained(directory)
     with torch.device("meta"):
         names = LlamaForCausalLM(config).to(torch.bfloat16).state_dict()
-    plan = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in names.items()]
+    plan = [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in names.items()]
     generator = torch.Generator().manual_seed(0)
     with StreamingWriter(directory, plan, shard_bytes) as writer:
         for spec in plan:

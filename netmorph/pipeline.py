@@ -1,7 +1,7 @@
 """The path every checkpoint-writing command takes; a surgery (netmorph/surgery/) supplies only what differs.
 
     SOURCE ─► resolve (HF dir | .gguf | YAML | bundled) ─► surgery: checks, target config, plan (no tensor read)
-           ─► the surgery's tensor loop on meta tensors: every output name, shape and dtype
+           ─► the surgery's tensor loop on meta tensors: the output manifest (every name, shape and dtype)
            ─► the same loop for real into a StreamingWriter, inside an atomic output dir (temp dir → rename)
            ─► config, tokenizer and other non-weight files, the surgery's own files (modeling code, config.yml)
            ─► verification: the surgery's bit-level checks, then both models on real text — whole, or one decoder
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from netmorph.errors import NetmorphError, VerificationFailed
-from netmorph.io.reader import MetaReader, SafetensorsReader, TensorReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, plan_output, release_freed_memory
+from netmorph.io.reader import MetaReader, SafetensorsReader, TensorInfo, TensorReader
+from netmorph.io.streaming import StreamingWriter, record_manifest, release_freed_memory
 from netmorph.io.writer import atomic_output_dir, check_output_dir
 from netmorph.sources import Source, default_texts, resolve_source
 from netmorph.verify.compare import DEFAULT_PROMPTS, card_lines, check_tokenizer, compare_models, failure
@@ -39,7 +39,7 @@ class Card:
 
 class Surgery:
     """One command's change of a checkpoint. The pipeline (`run`) calls, in order: the constructor (checks and
-    planning from the source config alone; sets `config`), `plan_stream` and `stream` (the tensor loop), `write_files`,
+    planning from the source config alone; sets `config`), `stream_meta` and `stream` (the tensor loop), `write_files`,
     `bit_checks`, the verification hooks and `card`. Subclasses set the class attributes and override what they
     need; see netmorph/surgery/ for the three surgeries."""
 
@@ -60,11 +60,11 @@ class Surgery:
         return True
 
     def stream(self, reader: TensorReader, writer) -> None:
-        """Every output tensor to `writer.add(name, tensor)` (a StreamingWriter, or a PlanRecorder on meta tensors)."""
+        """Every output tensor to `writer.add(name, tensor)` (a StreamingWriter, or a ManifestRecorder on meta tensors)."""
         raise NotImplementedError
 
-    def plan_stream(self, reader: TensorReader, recorder) -> None:
-        """The tensor loop on meta tensors, recording the output plan."""
+    def stream_meta(self, reader: TensorReader, recorder) -> None:
+        """The tensor loop on meta tensors, recording the output manifest."""
         self.stream(MetaReader(reader), recorder)
 
     def write_files(self, directory: Path, output_dir: Path) -> None:
@@ -141,14 +141,14 @@ def run(surgery_class: type[Surgery], source_arg: str | Path | None, output_dir:
     surgery = surgery_class(source, options)
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
-    plan = plan_output(lambda recorder: surgery.plan_stream(reader, recorder))
+    manifest = record_manifest(lambda recorder: surgery.stream_meta(reader, recorder))
     verifying = (options.verify or options.debug) and surgery.verifiable
-    layerwise = verifying and verify_layer_by_layer(surgery, reader, plan)
+    layerwise = verifying and verify_layer_by_layer(surgery, reader, manifest)
     log.info("%s %s (%s) → %s%s", surgery.command, source.description, source.config.model_type, output_dir,
              f": {surgery.summary()}" if surgery.summary() else "")
     result = Result(output_dir, surgery.config, surgery)
     with atomic_output_dir(output_dir) as tmp:
-        with StreamingWriter(tmp, plan, options.max_shard_bytes, progress=options.progress,
+        with StreamingWriter(tmp, manifest, options.max_shard_bytes, progress=options.progress,
                              description=surgery.verb) as writer:
             surgery.stream(reader, writer)
             writer.finish()
@@ -171,7 +171,7 @@ def run(surgery_class: type[Surgery], source_arg: str | Path | None, output_dir:
 # ── verification: one policy, one comparison ─────────────────────────────────────────────────────────────────────
 
 
-def verify_layer_by_layer(surgery: Surgery, reader: TensorReader, plan: list[TensorSpec]) -> bool:
+def verify_layer_by_layer(surgery: Surgery, reader: TensorReader, manifest: list[TensorInfo]) -> bool:
     """--verify-mode: "full" (both whole models), "layerwise" (one decoder layer of each at a time: models larger
     than memory), or "auto" — layer-wise when two fp32 copies would not fit comfortably in available memory.
     Layer-wise needs safetensors weights (a GGUF or pickle source is in memory already) and two models a layer of
@@ -188,7 +188,7 @@ def verify_layer_by_layer(surgery: Surgery, reader: TensorReader, plan: list[Ten
                             "use --verify-mode full")
     if refusal:
         return False
-    return mode == "layerwise" or not whole_models_fit(reader, sum(tensor.numel for tensor in plan))
+    return mode == "layerwise" or not whole_models_fit(reader, sum(tensor.numel for tensor in manifest))
 
 
 def verify(surgery: Surgery, directory: Path, layerwise: bool):

@@ -410,7 +410,7 @@ def test_large_configurations_planned_on_meta_device():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from netmorph.io.reader import MetaReader, StateDictReader
-    from netmorph.io.streaming import plan_output
+    from netmorph.io.streaming import record_manifest
     from netmorph.surgery.qkv_layout import convert_tensors, plan_conversion
     from netmorph.sources import Source
 
@@ -424,7 +424,7 @@ def test_large_configurations_planned_on_meta_device():
             state = model_class(config).to(torch.bfloat16).state_dict()
         reader = StateDictReader(dict(state))
         plan, target_config = plan_conversion(Source(Path("meta"), "hf", config), reader, "sequential", True)
-        specs = plan_output(lambda recorder: convert_tensors(MetaReader(reader), plan, recorder))  # noqa: B023
+        specs = record_manifest(lambda recorder: convert_tensors(MetaReader(reader), plan, recorder))  # noqa: B023
         if config is llama:
             with torch.device("meta"):
                 expected = Phi3ForCausalLM(target_config).to(torch.bfloat16).state_dict()

@@ -1,4 +1,4 @@
-"""Streaming conversion (plan on meta tensors, tensor-by-tensor writer) and layer-wise verification."""
+"""Streaming conversion (the output manifest recorded on meta tensors, tensor-by-tensor writer) and layer-wise verification."""
 
 import hashlib
 import json
@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from netmorph.arch import spec_for
 from netmorph.surgery.diff import DiffSurgery, convert_tensors, recipe_from, target_config
-from netmorph.io.reader import MetaReader, SafetensorsReader, StateDictReader, TensorSpec
-from netmorph.io.streaming import StreamingWriter, plan_output
+from netmorph.io.reader import MetaReader, SafetensorsReader, StateDictReader, TensorInfo
+from netmorph.io.streaming import StreamingWriter, record_manifest
 from tests.reference.sharded_safetensors import Collector, write_sharded
 from netmorph.modeling.modeling_netmorph_diff import family_model_class
 from netmorph.options import ConvertOptions
@@ -48,25 +48,25 @@ def test_streaming_writer_bytes_equal_save_file(tmp_path, seed):
     """Any dtypes, scalar and empty shapes, tensors arriving in any order: the same bytes as safetensors itself."""
     tensors = random_tensors(seed)
     save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
-    plan = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    manifest = [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     (tmp_path / "out").mkdir()
-    writer = StreamingWriter(tmp_path / "out", plan, max_shard_bytes=10**9)
+    writer = StreamingWriter(tmp_path / "out", manifest, max_shard_bytes=10**9)
     for name in random.Random(seed).sample(list(tensors), len(tensors)):
         writer.add(name, tensors[name])
     assert writer.finish() == [tmp_path / "out" / "model.safetensors"]
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
     reader = SafetensorsReader(tmp_path / "out")
     for name, tensor in tensors.items():
-        assert reader.describe(name) == TensorSpec(name, tuple(tensor.shape), tensor.dtype)
+        assert reader.describe(name) == TensorInfo(name, tuple(tensor.shape), tensor.dtype)
         assert torch.equal(reader.get(name).reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
 
 
 def test_streaming_writer_shards_like_in_memory_writer(tmp_path):
     tensors = {f"layer.{i}.w": torch.randn(i + 2, 5).to(DTYPES[i % 4]) for i in range(10)} | random_tensors(7)
-    plan = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    manifest = [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     for directory in ("memory", "streaming"):
         (tmp_path / directory).mkdir()
-    streaming = StreamingWriter(tmp_path / "streaming", plan, max_shard_bytes=64)
+    streaming = StreamingWriter(tmp_path / "streaming", manifest, max_shard_bytes=64)
     for name, tensor in tensors.items():
         streaming.add(name, tensor)
     expected = write_sharded(tensors, tmp_path / "memory", max_shard_bytes=64)
@@ -75,12 +75,12 @@ def test_streaming_writer_shards_like_in_memory_writer(tmp_path):
     assert sha256s(tmp_path / "memory") == sha256s(tmp_path / "streaming")
 
 
-def test_streaming_writer_refuses_what_was_not_planned(tmp_path):
-    plan = [TensorSpec("a", (2, 3), torch.float32), TensorSpec("b", (4,), torch.bfloat16)]
-    writer = StreamingWriter(tmp_path, plan, max_shard_bytes=10**9)
-    with pytest.raises(ValueError, match="not in the output plan"):
+def test_streaming_writer_refuses_what_is_not_in_its_manifest(tmp_path):
+    manifest = [TensorInfo("a", (2, 3), torch.float32), TensorInfo("b", (4,), torch.bfloat16)]
+    writer = StreamingWriter(tmp_path, manifest, max_shard_bytes=10**9)
+    with pytest.raises(ValueError, match="not in the output manifest"):
         writer.add("c", torch.zeros(1))
-    with pytest.raises(ValueError, match="planned"):
+    with pytest.raises(ValueError, match="recorded"):
         writer.add("a", torch.zeros(3, 2))
     writer.add("a", torch.zeros(2, 3))
     with pytest.raises(ValueError, match="written twice"):
@@ -96,7 +96,7 @@ MODES = {"default": {}, "mirror": {"negative_init": "mirror"}, "split": {"split_
 
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_conversion_is_byte_identical_to_in_memory_conversion(tmp_path, mode):
-    """The production path (meta plan + StreamingWriter, bf16 source read from headers) writes the same weight
+    """The production path (meta manifest + StreamingWriter, bf16 source read from headers) writes the same weight
     files, shard split and index as the conversion's tensors saved by safetensors' own `save_file`, shard by shard
     (tests/reference/sharded_safetensors.py)."""
     source = save_tiny_model(tmp_path / "src", "qwen2", num_attention_heads=6, num_key_value_heads=2,
@@ -145,13 +145,13 @@ def test_large_configurations_on_meta_device(name, config_class, model_class, va
     options = ConvertOptions(split_heads=layout == "split")
     spec = spec_for(source_config.model_type)
     config = target_config(source_config, spec, options, torch.bfloat16)
-    plan = plan_output(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe_from(options),
+    manifest = record_manifest(lambda recorder: convert_tensors(MetaReader(reader), config, spec, recipe_from(options),
                                                         recorder, options.seed))
     with torch.device("meta"):
         expected = family_model_class(spec.model_type)(config).to(torch.bfloat16).state_dict()
-    assert {s.name: (s.shape, s.dtype) for s in plan} == {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
+    assert {s.name: (s.shape, s.dtype) for s in manifest} == {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
     source_params = sum(t.numel() for t in source_model.state_dict().values())
-    added = sum(s.numel for s in plan) - source_params
+    added = sum(s.numel for s in manifest) - source_params
     features = config.diff_attention
     qk_rows = features["num_heads"] + features["num_key_value_heads"]
     new_qk_rows = qk_rows * features["head_dim"] if layout == "doubled" else 0  # the negative q/k rows (and biases)
@@ -165,11 +165,11 @@ def test_auto_verify_mode_goes_layerwise_when_memory_is_short(tiny_llama, monkey
     from netmorph.verify import layerwise as verify_layerwise
 
     reader = SafetensorsReader(tiny_llama)
-    plan = [reader.describe(name) for name in reader.keys()]
+    manifest = [reader.describe(name) for name in reader.keys()]
 
     def layer_by_layer(**options):
         return verify_layer_by_layer(DiffSurgery(resolve_source(str(tiny_llama)), ConvertOptions(**options)), reader,
-                                     plan)
+                                     manifest)
 
     assert not layer_by_layer()
     monkeypatch.setattr(verify_layerwise, "FULL_VERIFY_MEMORY_SHARE", 1e-12)  # a machine with almost no free memory
@@ -249,11 +249,11 @@ def test_file_range_copies_match_save_file(tmp_path, monkeypatch, kernel_copy):
     tensors = random_tensors(11) | {"big": torch.randn(300, 7)}
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     reader = SafetensorsReader(tmp_path)
-    plan = [reader.describe(name) for name in reader.keys()]
+    manifest = [reader.describe(name) for name in reader.keys()]
     (tmp_path / "out").mkdir()
-    with StreamingWriter(tmp_path / "out", plan, max_shard_bytes=10**9) as writer:
-        for spec in plan:
-            writer.add_file_range(spec.name, spec, *reader.file_range(spec.name))
+    with StreamingWriter(tmp_path / "out", manifest, max_shard_bytes=10**9) as writer:
+        for info in manifest:
+            writer.add_file_range(info.name, info, *reader.file_range(info.name))
         writer.finish()
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
 
@@ -264,10 +264,10 @@ def synthesize_llama(directory, layers: int):
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
     config.save_pretrained(directory)
     with torch.device("meta"):
-        plan = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in LlamaForCausalLM(config).state_dict().items()]
-    with StreamingWriter(directory, plan, max_shard_bytes=64 * 2**20) as writer:
-        for spec in plan:
-            writer.add(spec.name, torch.randn(spec.shape) * 0.02)
+        manifest = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in LlamaForCausalLM(config).state_dict().items()]
+    with StreamingWriter(directory, manifest, max_shard_bytes=64 * 2**20) as writer:
+        for info in manifest:
+            writer.add(info.name, torch.randn(info.shape) * 0.02)
         writer.finish()
     return directory
 
@@ -331,11 +331,11 @@ def test_finiteness_check_of_copied_tensors_counts_like_check_finite(tmp_path, d
             check_finite_in_file(reader.describe("clean"), fd, reader.file_range("clean")[1], bytearray(buffer_bytes))
     finally:
         os.close(fd)
-    plan = [reader.describe(name) for name in reader.keys()]
+    manifest = [reader.describe(name) for name in reader.keys()]
     (tmp_path / "out").mkdir()
-    with StreamingWriter(tmp_path / "out", plan, max_shard_bytes=10**9) as writer:
-        for spec in plan:
-            writer.add_file_range(spec.name, spec, *reader.file_range(spec.name), check_finite=True)
+    with StreamingWriter(tmp_path / "out", manifest, max_shard_bytes=10**9) as writer:
+        for info in manifest:
+            writer.add_file_range(info.name, info, *reader.file_range(info.name), check_finite=True)
         with pytest.raises(NetmorphError) as streamed:
             writer.finish()
     assert str(streamed.value) == str(whole.value)
@@ -370,10 +370,10 @@ def test_streamed_growth_is_byte_identical_to_in_memory_growth(tmp_path, case):
 
     resolved = resolve_source(str(source))
     spec = spec_for(family, "grow")
-    plan = plan_growth(resolved.config, spec, options)
+    manifest = plan_growth(resolved.config, spec, options)
     (tmp_path / "memory").mkdir()
     collected = Collector()
-    grow_tensors(SafetensorsReader(source), plan, spec.is_tied(resolved.config), collected, options)
+    grow_tensors(SafetensorsReader(source), manifest, spec.is_tied(resolved.config), collected, options)
     write_sharded(collected.tensors, tmp_path / "memory", options.max_shard_bytes)
     reference = sha256s(tmp_path / "memory")
     assert len(reference) > 2

@@ -49,7 +49,7 @@ DTYPES = {
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorInfo:
     """What a tensor is, without its data: enough to plan a file layout or build a meta tensor."""
 
     name: str
@@ -138,29 +138,29 @@ def nonfinite_error(name: str, nan: int, inf: int) -> NetmorphError:
 CHECK_CHUNK_BYTES = 4 * 2**20
 
 
-def check_finite_in_file(spec: TensorSpec, fd: int, offset: int, buffer: bytearray | None = None) -> None:
+def check_finite_in_file(info: TensorInfo, fd: int, offset: int, buffer: bytearray | None = None) -> None:
     """`check_finite` for a tensor's raw bytes in a file (a tensor copied file to file, never loaded whole): reads
     it in pieces into one reused buffer, so the check costs a read from the page cache and no memory.
     Raises the same error, with the same counts, as `check_finite` on the whole tensor."""
-    if not spec.dtype.is_floating_point or not spec.nbytes:
+    if not info.dtype.is_floating_point or not info.nbytes:
         return
-    item = spec.dtype.itemsize
+    item = info.dtype.itemsize
     buffer = buffer if buffer is not None else bytearray(CHECK_CHUNK_BYTES)
     view = memoryview(buffer)
     step = len(view) - len(view) % item  # whole elements per piece
     nan = inf = done = 0
-    while done < spec.nbytes:
-        want, got = min(step, spec.nbytes - done), 0
+    while done < info.nbytes:
+        want, got = min(step, info.nbytes - done), 0
         while got < want:
             count = os.preadv(fd, [view[got:want]], offset + done + got)
             if not count:
-                raise OSError(errno.EIO, f"the file ends inside tensor {spec.name}")
+                raise OSError(errno.EIO, f"the file ends inside tensor {info.name}")
             got += count
-        piece = torch.frombuffer(buffer, dtype=torch.uint8, count=want).view(spec.dtype)
+        piece = torch.frombuffer(buffer, dtype=torch.uint8, count=want).view(info.dtype)
         piece_nan, piece_inf = count_nonfinite(piece)
         nan, inf, done = nan + piece_nan, inf + piece_inf, done + want
     if nan or inf:
-        raise nonfinite_error(spec.name, nan, inf)
+        raise nonfinite_error(info.name, nan, inf)
 
 
 class TensorReader:
@@ -175,10 +175,10 @@ class TensorReader:
     def _read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def describe(self, name: str) -> TensorSpec:
+    def describe(self, name: str) -> TensorInfo:
         """Shape and dtype of a tensor; readers that can tell without reading it override this."""
         tensor = self.get(name)
-        return TensorSpec(name, tuple(tensor.shape), tensor.dtype)
+        return TensorInfo(name, tuple(tensor.shape), tensor.dtype)
 
     def file_range(self, name: str) -> tuple[Path, int] | None:
         """(file, byte offset) of the tensor's raw bytes when they lie in a file as they are, else None."""
@@ -233,11 +233,11 @@ class SafetensorsReader(TensorReader):
         data_start, header = self._headers[shard]
         return data_start, header[name]
 
-    def describe(self, name: str) -> TensorSpec:
+    def describe(self, name: str) -> TensorInfo:
         _, entry = self._entry(name)
         if entry["dtype"] not in DTYPES:
             raise NetmorphError(f"tensor {name} has dtype {entry['dtype']}, which netmorph cannot read")
-        return TensorSpec(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
+        return TensorInfo(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
 
     def file_range(self, name: str) -> tuple[Path, int]:
         data_start, entry = self._entry(name)
@@ -245,7 +245,7 @@ class SafetensorsReader(TensorReader):
 
     def _read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (one file read, no memory map; only this shard's file is open)."""
-        spec = self.describe(name)
+        info = self.describe(name)
         data_start, entry = self._entry(name)
         begin, end = entry["data_offsets"]
         shard = self._shard_of[name]
@@ -264,7 +264,7 @@ class SafetensorsReader(TensorReader):
             done += count
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._open_file.fileno(), data_start + end, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
-        return data.view(spec.dtype).reshape(spec.shape)
+        return data.view(info.dtype).reshape(info.shape)
 
 
 class StateDictReader(TensorReader):
@@ -318,7 +318,7 @@ def check_gguf_file(path: Path) -> None:
 
 class MetaReader(TensorReader):
     """Meta tensors (shape and dtype, no data) for every tensor of another reader: running a conversion on it
-    yields the exact names, shapes and dtypes of the output, i.e. the plan a streaming writer needs, in
+    yields the exact names, shapes and dtypes of the output, i.e. the manifest a streaming writer needs, in
     microseconds and without memory."""
 
     def __init__(self, reader: TensorReader):
@@ -330,7 +330,7 @@ class MetaReader(TensorReader):
     def __contains__(self, name: str) -> bool:
         return name in self._reader
 
-    def describe(self, name: str) -> TensorSpec:
+    def describe(self, name: str) -> TensorInfo:
         return self._reader.describe(name)
 
     def get(self, name: str) -> torch.Tensor:

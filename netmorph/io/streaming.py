@@ -1,8 +1,8 @@
 """Streaming safetensors output for checkpoints larger than RAM.
 
 A command that writes a checkpoint runs its conversion twice: first on meta tensors (`MetaReader`) into a
-`PlanRecorder`, which yields the names, shapes and dtypes of every output tensor at no cost; then for real into a
-`StreamingWriter` built from that plan. Knowing the plan, the writer lays out every shard up front (header first,
+`ManifestRecorder`, which yields the names, shapes and dtypes of every output tensor at no cost; then for real into a
+`StreamingWriter` built from that manifest. Knowing the manifest, the writer lays out every shard up front (header first,
 each tensor's offset fixed) and writes each tensor to its place on disk the moment it is produced, so memory holds
 only the tensors being converted, whatever the model size.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorReader, TensorSpec, check_finite_in_file
+from netmorph.io.reader import CHECK_CHUNK_BYTES, DTYPES, INDEX_NAME, TensorReader, TensorInfo, check_finite_in_file
 
 SAFETENSORS_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The order of safetensors' Dtype enum: `save_file` writes tensors by descending dtype, then by name.
@@ -36,14 +36,14 @@ _HEADER_ALIGNMENT = 8
 MAX_BYTES_IN_FLIGHT = 512 * 2**20
 
 
-class PlanRecorder:
+class ManifestRecorder:
     """Stands in for a writer and records what would be written (run the conversion on meta tensors with it)."""
 
     def __init__(self):
-        self.specs: list[TensorSpec] = []
+        self.infos: list[TensorInfo] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.specs.append(TensorSpec(name, tuple(tensor.shape), tensor.dtype))
+        self.infos.append(TensorInfo(name, tuple(tensor.shape), tensor.dtype))
 
 
 class CastingWriter:
@@ -57,44 +57,44 @@ class CastingWriter:
         self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
 
-def plan_output(produce: Callable[[PlanRecorder], None]) -> list[TensorSpec]:
-    """The output plan of `produce(writer)`: call it with a recorder (it should read from a `MetaReader`)."""
-    recorder = PlanRecorder()
+def record_manifest(produce: Callable[[ManifestRecorder], None]) -> list[TensorInfo]:
+    """The output manifest of `produce(writer)`: call it with a recorder (it should read from a `MetaReader`)."""
+    recorder = ManifestRecorder()
     produce(recorder)
-    names = [spec.name for spec in recorder.specs]
+    names = [info.name for info in recorder.infos]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
         raise ValueError(f"the conversion writes {duplicate} twice")
-    return recorder.specs
+    return recorder.infos
 
 
-def split_into_shards(plan: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+def split_into_shards(manifest: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
     """Greedy split in production order: a new shard starts when the next tensor would pass `max_shard_bytes`
     (a tensor larger than that gets a shard of its own)."""
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list[TensorInfo]] = [[]]
     size = 0
-    for spec in plan:
-        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+    for info in manifest:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
+        shards[-1].append(info)
+        size += info.nbytes
     return shards
 
 
-def safetensors_layout(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def safetensors_layout(infos: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     """(the 8-byte length + JSON header, padded as `save_file` pads it; each tensor's byte offset in the file)."""
-    ordered = sorted(specs, key=lambda spec: (-_DTYPE_RANK[SAFETENSORS_CODES[spec.dtype]], spec.name))
+    ordered = sorted(infos, key=lambda info: (-_DTYPE_RANK[SAFETENSORS_CODES[info.dtype]], info.name))
     header: dict = {"__metadata__": metadata}
     offsets, position = {}, 0
-    for spec in ordered:
-        header[spec.name] = {
-            "dtype": SAFETENSORS_CODES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [position, position + spec.nbytes],
+    for info in ordered:
+        header[info.name] = {
+            "dtype": SAFETENSORS_CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [position, position + info.nbytes],
         }
-        offsets[spec.name] = position
-        position += spec.nbytes
+        offsets[info.name] = position
+        position += info.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % _HEADER_ALIGNMENT)
     prefix = len(text).to_bytes(8, "little") + text
@@ -139,13 +139,13 @@ class StreamingWriter:
     by `finish`.
     """
 
-    def __init__(self, directory: Path, plan: list[TensorSpec], max_shard_bytes: int, progress: bool = False,
+    def __init__(self, directory: Path, manifest: list[TensorInfo], max_shard_bytes: int, progress: bool = False,
                  description: str = "writing"):
         self.directory = directory
-        self.total_bytes = sum(spec.nbytes for spec in plan)
-        self._plan = list(plan)
-        self._specs = {spec.name: spec for spec in plan}
-        shards = split_into_shards(plan, max_shard_bytes)
+        self.total_bytes = sum(info.nbytes for info in manifest)
+        self._manifest = list(manifest)
+        self._infos = {info.name: info for info in manifest}
+        shards = split_into_shards(manifest, max_shard_bytes)
         if len(shards) == 1:
             names = ["model.safetensors"]
         else:
@@ -154,13 +154,13 @@ class StreamingWriter:
         self._place: dict[str, tuple[int, int]] = {}  # tensor → (shard index, byte offset)
         self._unwritten: list[int] = []  # tensors still to come, per shard (the file closes at 0)
         self._fds: dict[int, int] = {}
-        for index, (path, specs) in enumerate(zip(self.files, shards)):
-            prefix, offsets = safetensors_layout(specs, {"format": "pt"})
+        for index, (path, infos) in enumerate(zip(self.files, shards)):
+            prefix, offsets = safetensors_layout(infos, {"format": "pt"})
             self._place.update({name: (index, offset) for name, offset in offsets.items()})
-            self._unwritten.append(len(specs))
+            self._unwritten.append(len(infos))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[index] = fd
-            _reserve(fd, len(prefix) + sum(spec.nbytes for spec in specs))
+            _reserve(fd, len(prefix) + sum(info.nbytes for info in infos))
             _pwrite_all(fd, memoryview(prefix), 0)
         self._written: set[str] = set()
         self._progress = _progress_bar(self.total_bytes, progress, description)
@@ -172,49 +172,49 @@ class StreamingWriter:
         self._check_buffer: bytearray | None = None  # the checker thread's buffer for `check_finite_in_file`
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self._check(name, tuple(tensor.shape), tensor.dtype)
+        info = self._check(name, tuple(tensor.shape), tensor.dtype)
         self._written.add(name)
         while self._in_flight and (self._in_flight[0][0].done()
-                                   or self._in_flight_bytes + spec.nbytes > MAX_BYTES_IN_FLIGHT):
+                                   or self._in_flight_bytes + info.nbytes > MAX_BYTES_IN_FLIGHT):
             self._retire_oldest()
         index, offset = self._place[name]
         # The bytes view keeps the tensor alive until the writer thread is done with it.
         future = self._thread.submit(self._write, index, tensor_bytes(tensor), offset)
-        self._in_flight.append((future, spec.nbytes))
-        self._in_flight_bytes += spec.nbytes
+        self._in_flight.append((future, info.nbytes))
+        self._in_flight_bytes += info.nbytes
 
-    def add_file_range(self, name: str, spec: TensorSpec, path: Path, offset: int, check_finite: bool = False) -> None:
+    def add_file_range(self, name: str, info: TensorInfo, path: Path, offset: int, check_finite: bool = False) -> None:
         """A tensor whose bytes lie unchanged in another file (a tensor passed through a conversion): the kernel
         copies them file to file, as `cp` does, without them ever entering this process's memory. With
         `check_finite`, a second thread first reads them piece by piece and refuses NaN/Inf (`check_finite_in_file`),
         running ahead of the copies; the error surfaces from a later `add` or from `finish`, and the copy of a
         refused tensor never starts."""
-        self._check(name, spec.shape, spec.dtype)
+        self._check(name, info.shape, info.dtype)
         self._written.add(name)
         while self._in_flight and self._in_flight[0][0].done():
             self._retire_oldest()
         index, destination = self._place[name]
-        checked = self._checker.submit(self._check_finite, spec, path, offset) if check_finite else None
-        future = self._thread.submit(self._copy, index, spec, path, offset, destination, checked)
+        checked = self._checker.submit(self._check_finite, info, path, offset) if check_finite else None
+        future = self._thread.submit(self._copy, index, info, path, offset, destination, checked)
         self._in_flight.append((future, 0))  # no memory held while it waits
-        self._progress_after[future] = spec.nbytes
+        self._progress_after[future] = info.nbytes
 
-    def _check_finite(self, spec: TensorSpec, path: Path, offset: int) -> None:
+    def _check_finite(self, info: TensorInfo, path: Path, offset: int) -> None:
         """On the checker thread, with its one reused buffer."""
         if self._check_buffer is None:
             self._check_buffer = bytearray(CHECK_CHUNK_BYTES)
         source = os.open(path, os.O_RDONLY)
         try:
-            check_finite_in_file(spec, source, offset, self._check_buffer)
+            check_finite_in_file(info, source, offset, self._check_buffer)
         finally:
             os.close(source)
 
-    def _copy(self, index: int, spec: TensorSpec, path: Path, offset: int, destination: int,
+    def _copy(self, index: int, info: TensorInfo, path: Path, offset: int, destination: int,
               checked: Future | None) -> None:
         if checked is not None:
             checked.result()  # NaN/Inf: raised here, so in the caller's thread by `_retire_oldest`
         source = os.open(path, os.O_RDONLY)
-        nbytes = spec.nbytes
+        nbytes = info.nbytes
         try:
             done = 0
             while done < nbytes:
@@ -246,13 +246,13 @@ class StreamingWriter:
         if not self._unwritten[index]:
             self._close(index)
 
-    def _check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
-        spec = self._specs.get(name)
-        if spec is None or name in self._written:
-            raise ValueError(f"{name} is {'written twice' if spec else 'not in the output plan'}")
-        if shape != spec.shape or dtype != spec.dtype:
-            raise ValueError(f"{name}: planned {spec.shape} {spec.dtype}, produced {shape} {dtype}")
-        return spec
+    def _check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorInfo:
+        info = self._infos.get(name)
+        if info is None or name in self._written:
+            raise ValueError(f"{name} is {'written twice' if info else 'not in the output manifest'}")
+        if shape != info.shape or dtype != info.dtype:
+            raise ValueError(f"{name}: recorded {info.shape} {info.dtype}, produced {shape} {dtype}")
+        return info
 
     def _retire_oldest(self) -> None:
         future, nbytes = self._in_flight.popleft()
@@ -269,13 +269,13 @@ class StreamingWriter:
             self._retire_oldest()
         self._thread.shutdown()
         self._checker.shutdown()
-        missing = [name for name in self._specs if name not in self._written]
+        missing = [name for name in self._infos if name not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, the first is {missing[0]}")
         if self._progress is not None:
             self._progress.close()
         if len(self.files) > 1:
-            weight_map = {spec.name: self.files[self._place[spec.name][0]].name for spec in self._plan}
+            weight_map = {info.name: self.files[self._place[info.name][0]].name for info in self._manifest}
             index_data = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.directory / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n")
         return self.files
@@ -303,7 +303,7 @@ def pass_through(reader: TensorReader, writer, name: str, output_name: str | Non
     """A tensor a command keeps as it is (under `output_name`, if it moves): copied file to file by the kernel when
     the reader knows where its bytes lie and the writer can copy (a `StreamingWriter`, whose thread also checks them
     to be finite, reading them once from the page cache in small pieces), else read (checked to be finite),
-    written and dropped. On a `MetaReader` into a `PlanRecorder` it plans the tensor."""
+    written and dropped. On a `MetaReader` into a `ManifestRecorder` it plans the tensor."""
     location = reader.file_range(name)
     if location is not None and hasattr(writer, "add_file_range"):
         writer.add_file_range(output_name or name, reader.describe(name), *location, check_finite=True)

@@ -168,7 +168,7 @@ def convert_tensors(
     seed: int,
 ) -> None:
     """Stream every tensor of the source to the writer (anything with `add(name, tensor)`), converting each layer's
-    attention on the way. Run on a `MetaReader` into a `PlanRecorder` it yields the output plan."""
+    attention on the way. Run on a `MetaReader` into a `ManifestRecorder` it yields the output manifest."""
     stream_attention_layers(reader, config, spec, writer,
                             lambda layer_idx: convert_layer(reader, config, spec, recipe, layer_idx, seed))
 

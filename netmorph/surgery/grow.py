@@ -421,7 +421,7 @@ def _copy_globals(reader, spec: ArchSpec, copies: int, embed_scale: float, tied:
 
 def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, options: GrowOptions):
     """Stream every output tensor to the writer (anything with `add(name, tensor)`), one layer at a time.
-    Run on a `MetaReader` into a `PlanRecorder` (see `plan_tensors`) it yields the output plan."""
+    Run on a `MetaReader` into a `ManifestRecorder` (see `record_manifest`) it yields the output manifest."""
     spec = plan.spec
     layer_keys = _layer_keys(reader, spec)
     missing = [i for i in range(plan.source.layers) if i not in layer_keys]
@@ -506,7 +506,7 @@ class GrowSurgery(Surgery):
     def stream(self, reader: TensorReader, writer) -> None:
         grow_tensors(reader, self.plan, self.tied, self._cast(writer), self.options)
 
-    def plan_stream(self, reader: TensorReader, recorder) -> None:
+    def stream_meta(self, reader: TensorReader, recorder) -> None:
         """Random draws happen on the meta device too; a fixed init std stands in for each tensor's own std (a data
         value)."""
         planning = self.options.model_copy(update={"init_std": self.options.init_std or 1.0})

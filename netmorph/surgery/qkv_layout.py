@@ -234,7 +234,7 @@ def convert_layer(reader: TensorReader, plan: LayoutPlan, layer_idx: int) -> dic
 
 def convert_tensors(reader: TensorReader, plan: LayoutPlan, writer) -> None:
     """Stream every tensor of the source to `writer`, rearranging each layer's q/k/v on the way (everything else is
-    copied file to file). On a `MetaReader` into a `PlanRecorder` it yields the output plan."""
+    copied file to file). On a `MetaReader` into a `ManifestRecorder` it yields the output manifest."""
     layer_of = {name: i for i in range(plan.num_layers) for name in plan.layer_names(i)}
     done = set()
     for name in reader.keys():
