@@ -2,7 +2,7 @@
 the pure functions of netmorph/ops. Every surgery (diff, grow, qkv_layout) reads and writes layers through it:
 reader → `LayerView.read` → pure op → `LayerView.store` → writer.
 
-Canonical form: `"<role>.<kind>"` keys — the roles of `ROLE_SPACES` in netmorph/arch/families.py ("q", "k", "v",
+Canonical form: `"<role>.<kind>"` keys — the roles of `ROLE_SPACES` in netmorph/ops/roles.py ("q", "k", "v",
 "o", "gate", "up", "down", the norms), kind "weight" or "bias" — with weights in nn.Linear orientation `[out, in]`.
 Reading splits a fused q/k/v tensor by its layout (netmorph/ops/qkv_layout.py), splits Phi-3's `gate_up_proj`
 (rows [gate; up], as `Phi3MLP` chunks its output) and transposes GPT-2's Conv1D weights (stored `[in, out]`);

@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from netmorph.arch.families import READERS, RESIDUAL_NORMS, WRITERS
+from netmorph.ops.roles import READERS, RESIDUAL_NORMS, WRITERS
 from netmorph.errors import NetmorphError
 
 # READERS (q k v gate up) read the (normalised) residual stream: their new input columns are free. WRITERS (o down)
-# write into it: their new output rows must keep the invariant. Both follow from arch.families.ROLE_SPACES.
+# write into it: their new output rows must keep the invariant. Both follow from ops/roles.py ROLE_SPACES.
 DTYPE = torch.float64
 
 
