@@ -14,6 +14,9 @@ class _Group(click.Group):
     """Turns a NetmorphError, or a flag click cannot parse, into one line on stderr and exit status 2."""
 
     def invoke(self, ctx):
+        """Override of click.Group.invoke: runs the command; VerificationFailed → its reports and a last line
+        `FAILED: …`, exit 1; NetmorphError, an unknown (or renamed) flag or another usage error → one line `error: …`
+        on stderr, exit 2."""
         try:
             return super().invoke(ctx)
         except VerificationFailed as e:  # an exact mode's proof failed: the reports, then FAILED as the last line

@@ -57,6 +57,7 @@ class CheckpointOptions(BaseModel):
 
     @property
     def max_shard_bytes(self) -> int:
+        """`max_shard_size` in bytes (KB = 1000 B, KiB = 1024 B)."""
         return size_in_bytes(self.max_shard_size)
 
     @classmethod
@@ -124,6 +125,8 @@ class ConvertOptions(CheckpointOptions):
 
     @property
     def exact(self) -> bool:
+        """Whether this conversion computes the source's function (its verification must pass): False with
+        --split-heads, --sublayer-norm or --export diffllama."""
         return not (self.split_heads or self.sublayer_norm or self.export == "diffllama")
 
 
@@ -198,6 +201,8 @@ class GrowOptions(CheckpointOptions):
 
     @classmethod
     def build(cls, **values) -> "GrowOptions":
+        """The options from CLI values (None: not given, the default holds). Raises NetmorphError: a model-level
+        check's message as it is (e.g. "nothing to grow"), any other invalid value as one line naming the key."""
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
@@ -276,6 +281,8 @@ class TrainingYaml(DiffAttnArgs):
 
     @classmethod
     def from_yaml(cls, data: dict, path) -> "TrainingYaml":
+        """The YAML mapping `data` (already parsed) read from `path`, validated. Raises NetmorphError naming `path`
+        and the first invalid key."""
         try:
             return cls.model_validate(data)  # not cls(**data): YAML keys may be numbers, null or booleans
         except ValidationError as e:
@@ -296,6 +303,7 @@ def click_options(model: type[BaseModel]):
     defaults stay the single source of truth."""
 
     def decorate(function):
+        """Apply one click option per field of `model` to `function` and return it."""
         for name, field in reversed(model.model_fields.items()):
             flag = "--" + name.replace("_", "-")
             kwargs = {"default": None, "help": field.description}

@@ -102,6 +102,8 @@ class Surgery:
         return self.options.tolerance, ""
 
     def card(self) -> Card:
+        """The model card section this surgery writes (title, lines, whether loading needs remote code); every
+        subclass implements it."""
         raise NotImplementedError
 
     def summary(self) -> str:
@@ -111,6 +113,9 @@ class Surgery:
 
 @dataclass
 class Result:
+    """What `run` returns: the output directory, the output config, the surgery, the verification reports
+    (VerifyReport or LayerwiseReport; empty when not verified) and the problems of the bit-level checks."""
+
     output_dir: Path
     config: object
     surgery: Surgery

@@ -38,6 +38,7 @@ def read_log_history(run_dir: str | Path) -> list[dict]:
 
 
 def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in a Trainer log history: the entries that hold a number under it, in log order."""
     points = [(entry["step"], entry[key]) for entry in history if isinstance(entry.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
 
@@ -103,6 +104,7 @@ def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Te
     module, captured = modules[layer], {}
 
     def hook(mod, args, kwargs):
+        """Forward pre-hook: captures both softmax maps and the λ of the first sequence from the layer's real input."""
         hidden, position_embeddings = attention_input(args, kwargs)
         captured["maps"] = mod.branch_probabilities(hidden[:1], position_embeddings)
         captured["lambda"] = token_lambda(mod, hidden[:1])

@@ -54,10 +54,12 @@ class Source:
 
     @property
     def description(self) -> str:
+        """The source as the CLI and the model card name it: its path."""
         return str(self.path)
 
     @property
     def input_paths(self) -> list[Path]:
+        """The paths an output directory must not lie inside (`check_output_dir`)."""
         return [self.path]
 
     def _pretrained_kwargs(self) -> dict:
@@ -137,6 +139,10 @@ class Source:
         return max(set(floating), key=floating.count) if floating else torch.float32
 
     def reader(self) -> TensorReader:
+        """A tensor reader over the checkpoint: a SafetensorsReader (lazy) for safetensors weights; for pickle
+        weights (--allow-pickle) or a GGUF file, a StateDictReader over tensors loaded into memory (GGUF: dequantized
+        to fp32 by transformers). Raises NetmorphError for missing or damaged weight files, pickle weights not
+        allowed, or pickle files holding more than plain tensors."""
         if self.kind == "gguf":
             return StateDictReader(dict(self.load_model().state_dict()))
         pickles = self._check_weight_files()
@@ -185,6 +191,8 @@ class Source:
             config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
     def load_tokenizer(self):
+        """The source's tokenizer (AutoTokenizer; a GGUF source's as transformers rebuilds it). Raises NetmorphError
+        when it cannot be loaded."""
         from transformers import AutoTokenizer
 
         try:
@@ -196,6 +204,8 @@ class Source:
             ) from None
 
     def save_generation_config(self, destination: Path) -> None:
+        """Copy the source directory's generation_config.json into `destination` (a GGUF source: the loaded model's
+        generation config); nothing when an HF directory has none."""
         if self.kind == "hf" and (self.path / "generation_config.json").exists():
             shutil.copy2(self.path / "generation_config.json", destination / "generation_config.json")
         elif self.kind == "gguf":
@@ -240,6 +250,8 @@ def _first_line(error: Exception) -> str:
 
 
 def read_yaml(path: Path) -> dict:
+    """The mapping of a YAML file, read as UTF-8 with yaml.safe_load. Raises NetmorphError when the file is not
+    UTF-8, not valid YAML, or not a mapping (OSError, e.g. a missing file, is not caught)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

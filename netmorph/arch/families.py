@@ -125,6 +125,8 @@ class ArchSpec:
 
     # ── names ──
     def name(self, layer_idx: int, role: str, kind: str) -> str:
+        """The full stored name of role `role`'s tensor in layer `layer_idx`, `kind` "weight" or "bias" (e.g.
+        "model.layers.3.self_attn.q_proj.weight"). Raises KeyError for a role this family does not name in `tensors`."""
         return f"{self.layer_prefix.format(i=layer_idx)}{self.tensors[role]}.{kind}"
 
     @property
@@ -133,20 +135,28 @@ class ArchSpec:
         return self.tensors["o"].rsplit(".", 1)[0] + "."
 
     def attention_key(self, layer_idx: int, name: str) -> str:
+        """The full stored name of `name` (e.g. "q_proj.weight", "lambda_q1") inside the attention module of layer
+        `layer_idx`."""
         return f"{self.layer_prefix.format(i=layer_idx)}{self.attention_prefix}{name}"
 
     # ── config readings ──
     def field(self, dim: str) -> str:
+        """The config field that holds growth dim `dim` (one of GROW_DIMS): the family's spelling in `config_fields`,
+        else the Llama name. Raises KeyError for any other dim."""
         defaults = {"num_layers": "num_hidden_layers", "intermediate_size": "intermediate_size",
                     "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
                     "head_dim": "head_dim", "hidden_size": "hidden_size"}
         return self.config_fields.get(dim, defaults[dim])
 
     def bias(self, config, which: str) -> bool:
+        """Whether this config's "qkv", "o" or "mlp" projections have biases: the family's fixed value, or the config
+        field it names (False when the config lacks it). Raises KeyError for another `which`."""
         value = {"qkv": self.qkv_bias, "o": self.o_bias, "mlp": self.mlp_bias}[which]
         return bool(getattr(config, value, False)) if isinstance(value, str) else value
 
     def is_tied(self, config) -> bool:
+        """Whether the output head is tied to the input embedding: the config's `tie_word_embeddings`, else the
+        family default `tied`."""
         return bool(getattr(config, "tie_word_embeddings", self.tied))
 
     @staticmethod
@@ -162,6 +172,9 @@ class ArchSpec:
         return dict(getattr(config, "rope_parameters", None) or {})
 
     def num_kv_heads(self, config) -> int:
+        """The key/value head count of this config per `kv_heads`: "field": the config's num_key_value_heads field
+        (the query heads when it is absent or None); "heads": the query heads; "falcon": `num_kv_heads` with
+        new_decoder_architecture, else 1 with multi_query (the default when unset), else the query heads."""
         heads = config.num_attention_heads
         if self.kv_heads == "heads":
             return heads
@@ -178,11 +191,15 @@ class ArchSpec:
         return "heads" if self.kv_heads == "heads" else "free"
 
     def rope_kind(self, config) -> str:
+        """The position scheme: "alibi" when the family's `alibi_field` flag is set in this config, else the family's
+        `rope` ("full", "partial" or "none")."""
         if self.alibi_field and getattr(config, self.alibi_field, False):
             return "alibi"
         return self.rope
 
     def has_qk_norm(self, config) -> bool:
+        """Whether this config's attention has q/k norms: the family has them (`qk_norm` != "none") and
+        `qk_norm_field`, when the family names one, is set in the config."""
         return self.qk_norm != "none" and (self.qk_norm_field is None or bool(getattr(config, self.qk_norm_field, False)))
 
     def refusals(self, config) -> list[Refusal]:
@@ -190,6 +207,9 @@ class ArchSpec:
         return [r for r in self.grow_refuses if r.when is None or getattr(config, r.when, False)]
 
     def layer_types(self, config) -> list[str]:
+        """Per layer, "full_attention" or "sliding_attention" (transformers' names): the config's own `layer_types`
+        for `sliding` = "layer_types" when the config has it; every layer sliding for `sliding` = "all" when
+        `sliding_window` is set; otherwise every layer full."""
         n = config.num_hidden_layers
         window = getattr(config, "sliding_window", None)
         if self.sliding == "layer_types" and getattr(config, "layer_types", None):

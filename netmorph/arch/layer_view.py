@@ -39,6 +39,7 @@ class LayerView:
 
     @property
     def qkv_layout(self) -> str:
+        """The layout of the stored q/k/v: `layout`, else the family's `qkv_layout` (one of QKV_LAYOUTS)."""
         return self.layout or self.spec.qkv_layout
 
     @property
@@ -53,6 +54,7 @@ class LayerView:
 
     @property
     def fused_qkv(self) -> bool:
+        """Whether q/k/v are stored as one fused tensor (one name in `qkv_names`, or the family's "qkv" role)."""
         return "qkv" in self.roles.values()
 
     def stored_name(self, layer_idx: int, role: str, kind: str) -> str:

@@ -58,6 +58,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements: the product of `shape` (1 for a 0-d tensor)."""
         count = 1
         for size in self.shape:
             count *= size
@@ -65,21 +66,27 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Size of the tensor's data in bytes: numel × the dtype's item size."""
         return self.numel * self.dtype.itemsize
 
     def meta(self) -> torch.Tensor:
+        """An empty tensor of this shape and dtype on the meta device (no data, no memory)."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, header dict) of a shard already validated by `check_safetensors_file`."""
+    """(byte offset of the data section from the start of the file, header dict) of a shard already validated by
+    `check_safetensors_file` (no checks here). Format: https://github.com/huggingface/safetensors."""
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         return 8 + header_len, json.loads(f.read(header_len))
 
 
 def check_safetensors_file(path: Path) -> list[str]:
-    """Validate a shard's header against its size and return its tensor names; a clear error if it is damaged."""
+    """Validate a shard's header against its size and return its tensor names (header order, `__metadata__` left
+    out). Raises NetmorphError when the file is missing or shorter than 8 bytes, its header runs past the end or is
+    not JSON with `data_offsets` for every tensor, or the data runs past the end of the file. Format:
+    https://github.com/huggingface/safetensors."""
     size = path.stat().st_size if path.exists() else -1
     if size < 0:
         raise NetmorphError(f"missing safetensors shard {path}: re-download the checkpoint")
@@ -104,8 +111,9 @@ def check_safetensors_file(path: Path) -> list[str]:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Refuse a tensor holding NaN or ±Inf: converting it would hide a damaged checkpoint behind a model that
-    loads fine and then produces NaN logits (and NaN also passes a `diff > tolerance` check silently)."""
+    """Return `tensor` unchanged; raise NetmorphError (naming it, with its NaN and ±Inf counts) when it holds NaN or
+    ±Inf: converting it would hide a damaged checkpoint behind a model that loads fine and then produces NaN logits
+    (and NaN also passes a `diff > tolerance` check silently). Non-floating, empty and meta tensors pass unchecked."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return tensor
     nan, inf = count_nonfinite(tensor)
@@ -115,7 +123,8 @@ def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, ±Inf count) of a floating-point CPU tensor; one fast pass when there are none."""
+    """(NaN count, ±Inf count) of a floating-point CPU tensor of any shape (1-byte fp8 is counted in float32); one
+    fast pass when there are none."""
     values = tensor.float() if tensor.element_size() == 1 else tensor  # fp8 has no isnan kernel on every backend
     if torch.isfinite(values.sum()):
         return 0, 0  # any NaN or ±Inf makes the sum non-finite (a finite overflow falls through to the exact count)
@@ -127,6 +136,7 @@ def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def nonfinite_error(name: str, nan: int, inf: int) -> NetmorphError:
+    """The NetmorphError (returned, not raised) for tensor `name` holding `nan` NaN and `inf` ±Inf values."""
     return NetmorphError(
         f"tensor {name} holds {nan} NaN and {inf} Inf values: the checkpoint is damaged (or saved after a "
         "diverged training step); re-download it or fix that tensor"
@@ -140,8 +150,10 @@ CHECK_CHUNK_BYTES = 4 * 2**20
 
 def check_finite_in_file(info: TensorInfo, fd: int, offset: int, buffer: bytearray | None = None) -> None:
     """`check_finite` for a tensor's raw bytes in a file (a tensor copied file to file, never loaded whole): reads
-    it in pieces into one reused buffer, so the check costs a read from the page cache and no memory.
-    Raises the same error, with the same counts, as `check_finite` on the whole tensor."""
+    the `info.nbytes` bytes at byte `offset` of file descriptor `fd` in pieces into one reused `buffer`
+    (CHECK_CHUNK_BYTES when None), so the check costs a read from the page cache and no memory. Raises the same
+    NetmorphError, with the same counts, as `check_finite` on the whole tensor, and OSError (EIO) when the file ends
+    inside the tensor. Non-floating and empty tensors pass unchecked."""
     if not info.dtype.is_floating_point or not info.nbytes:
         return
     item = info.dtype.itemsize
@@ -167,9 +179,12 @@ class TensorReader:
     """Name → tensor access to a checkpoint, without loading it all. Every tensor read is checked to be finite."""
 
     def keys(self) -> list[str]:
+        """The names of the tensors this reader holds (stale buffers left out); each subclass implements it."""
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor `name`, checked by `check_finite`: raises NetmorphError when it holds NaN or ±Inf (and, in every
+        reader here, KeyError for a name not in `keys()`)."""
         return check_finite(name, self._read(name))
 
     def _read(self, name: str) -> torch.Tensor:
@@ -189,6 +204,15 @@ class TensorReader:
 
 
 class SafetensorsReader(TensorReader):
+    """The tensors of a Hugging Face model directory: one `*.safetensors` file, or the shards listed in
+    `model.safetensors.index.json`.
+
+    The constructor validates every shard's header against the file size (`check_safetensors_file`) and the index
+    against the shards. It raises NetmorphError for an unreadable index, a missing, truncated or corrupt shard, an
+    index entry whose shard lacks the tensor, a directory without safetensors files, or several files without an
+    index. Tensors are read on demand with plain file reads, one shard file open at a time (the last one read stays
+    open)."""
+
     def __init__(self, directory: Path):
         self.directory = directory
         index = directory / INDEX_NAME
@@ -221,6 +245,7 @@ class SafetensorsReader(TensorReader):
         self._open_file = None
 
     def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint (stale buffers left out), in the index's (or the header's) order."""
         return list(self._shard_of)
 
     def __contains__(self, name: str) -> bool:
@@ -234,12 +259,16 @@ class SafetensorsReader(TensorReader):
         return data_start, header[name]
 
     def describe(self, name: str) -> TensorInfo:
+        """Shape and dtype from the shard's JSON header; no data is read. Raises NetmorphError for a dtype not in
+        DTYPES, KeyError for an unknown name."""
         _, entry = self._entry(name)
         if entry["dtype"] not in DTYPES:
             raise NetmorphError(f"tensor {name} has dtype {entry['dtype']}, which netmorph cannot read")
         return TensorInfo(name, tuple(entry["shape"]), DTYPES[entry["dtype"]])
 
     def file_range(self, name: str) -> tuple[Path, int]:
+        """(shard path, byte offset of the tensor's first byte from the start of that file): its raw little-endian
+        bytes lie there as they are. Raises KeyError for an unknown name."""
         data_start, entry = self._entry(name)
         return self.directory / self._shard_of[name], data_start + entry["data_offsets"][0]
 
@@ -275,6 +304,7 @@ class StateDictReader(TensorReader):
         self._tensors = {name: tensor for name, tensor in state_dict.items() if name in kept}
 
     def keys(self) -> list[str]:
+        """The state dict's names, stale buffers left out."""
         return list(self._tensors)
 
     def __contains__(self, name: str) -> bool:
@@ -298,8 +328,9 @@ def _gguf_can_dequantize(tensor_type) -> bool:
 
 
 def check_gguf_file(path: Path) -> None:
-    """Refuse a GGUF file holding a tensor type the installed `gguf` package cannot dequantize, naming the tensor.
-    Called when transformers' GGUF load fails (parsing the file costs seconds, so not on the happy path)."""
+    """Refuse a GGUF file holding a tensor type the installed `gguf` package cannot dequantize: raises NetmorphError
+    naming the tensor and its type, or when the file cannot be parsed; returns None otherwise. Called when
+    transformers' GGUF load fails (parsing the file costs seconds, so not on the happy path)."""
     from gguf import GGUFReader
 
     try:
@@ -325,13 +356,17 @@ class MetaReader(TensorReader):
         self._reader = reader
 
     def keys(self) -> list[str]:
+        """The wrapped reader's names."""
         return self._reader.keys()
 
     def __contains__(self, name: str) -> bool:
         return name in self._reader
 
     def describe(self, name: str) -> TensorInfo:
+        """The wrapped reader's shape and dtype of `name` (a SafetensorsReader reads no data for it)."""
         return self._reader.describe(name)
 
     def get(self, name: str) -> torch.Tensor:
+        """A meta tensor with the wrapped tensor's shape and dtype: no data is read and nothing is checked for
+        NaN/Inf (there are no values)."""
         return self._reader.describe(name).meta()

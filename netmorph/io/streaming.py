@@ -43,6 +43,7 @@ class ManifestRecorder:
         self.infos: list[TensorInfo] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Record `name` with `tensor`'s shape and dtype (a meta tensor is enough: no data is read)."""
         self.infos.append(TensorInfo(name, tuple(tensor.shape), tensor.dtype))
 
 
@@ -54,11 +55,13 @@ class CastingWriter:
         self.writer, self.dtype = writer, dtype
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand `tensor` to the wrapped writer, cast to `dtype` when it is floating point (other dtypes as they are)."""
         self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
 
 def record_manifest(produce: Callable[[ManifestRecorder], None]) -> list[TensorInfo]:
-    """The output manifest of `produce(writer)`: call it with a recorder (it should read from a `MetaReader`)."""
+    """The output manifest of `produce(writer)`: call it with a recorder (it should read from a `MetaReader`);
+    TensorInfo in production order. Raises ValueError when the conversion writes a name twice."""
     recorder = ManifestRecorder()
     produce(recorder)
     names = [info.name for info in recorder.infos]
@@ -69,8 +72,8 @@ def record_manifest(produce: Callable[[ManifestRecorder], None]) -> list[TensorI
 
 
 def split_into_shards(manifest: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
-    """Greedy split in production order: a new shard starts when the next tensor would pass `max_shard_bytes`
-    (a tensor larger than that gets a shard of its own)."""
+    """Greedy split in production order: a new shard starts when the next tensor would pass `max_shard_bytes` (bytes
+    of tensor data, headers not counted; a tensor larger than that gets a shard of its own)."""
     shards: list[list[TensorInfo]] = [[]]
     size = 0
     for info in manifest:
@@ -83,7 +86,10 @@ def split_into_shards(manifest: list[TensorInfo], max_shard_bytes: int) -> list[
 
 
 def safetensors_layout(infos: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
-    """(the 8-byte length + JSON header, padded as `save_file` pads it; each tensor's byte offset in the file)."""
+    """(the 8-byte little-endian header length + the JSON header, padded with spaces to a multiple of 8 as
+    `save_file` pads it; each tensor's byte offset from the start of the file). Tensors are placed by descending
+    dtype, then name, as `save_file` orders them. KeyError for a dtype not in DTYPES. Format:
+    https://github.com/huggingface/safetensors."""
     ordered = sorted(infos, key=lambda info: (-_DTYPE_RANK[SAFETENSORS_CODES[info.dtype]], info.name))
     header: dict = {"__metadata__": metadata}
     offsets, position = {}, 0
@@ -120,7 +126,8 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
+    """The raw little-endian bytes of a CPU tensor (`numel × itemsize` bytes), without a copy when it is already
+    contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -172,6 +179,10 @@ class StreamingWriter:
         self._check_buffer: bytearray | None = None  # the checker thread's buffer for `check_finite_in_file`
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a CPU tensor for writing at its planned offset (its memory is read later by the writer thread: do
+        not modify it in place afterwards). Blocks while more than MAX_BYTES_IN_FLIGHT bytes are queued. Raises
+        ValueError when `name` is not in the manifest, was already added, or has another shape or dtype than planned;
+        re-raises the error of an earlier queued write (OSError) or file-to-file NaN/Inf check (NetmorphError)."""
         info = self._check(name, tuple(tensor.shape), tensor.dtype)
         self._written.add(name)
         while self._in_flight and (self._in_flight[0][0].done()
@@ -184,11 +195,11 @@ class StreamingWriter:
         self._in_flight_bytes += info.nbytes
 
     def add_file_range(self, name: str, info: TensorInfo, path: Path, offset: int, check_finite: bool = False) -> None:
-        """A tensor whose bytes lie unchanged in another file (a tensor passed through a conversion): the kernel
-        copies them file to file, as `cp` does, without them ever entering this process's memory. With
-        `check_finite`, a second thread first reads them piece by piece and refuses NaN/Inf (`check_finite_in_file`),
-        running ahead of the copies; the error surfaces from a later `add` or from `finish`, and the copy of a
-        refused tensor never starts."""
+        """A tensor whose bytes lie unchanged in another file, at byte `offset` of `path` (a tensor passed through a
+        conversion): the kernel copies them file to file, as `cp` does, without them ever entering this process's
+        memory. With `check_finite`, a second thread first reads them piece by piece and refuses NaN/Inf
+        (`check_finite_in_file`), running ahead of the copies; the error (NetmorphError) surfaces from a later `add`
+        or from `finish`, and the copy of a refused tensor never starts. Raises ValueError as `add` does."""
         self._check(name, info.shape, info.dtype)
         self._written.add(name)
         while self._in_flight and self._in_flight[0][0].done():
@@ -265,6 +276,9 @@ class StreamingWriter:
         os.close(self._fds.pop(index))
 
     def finish(self) -> list[Path]:
+        """Wait for every queued write, write `model.safetensors.index.json` (weight_map, total_size in bytes) when
+        there are several shards, and return the shard paths. Raises the first failed write's error (OSError, or
+        NetmorphError for NaN/Inf in a copied tensor), or ValueError when a manifest tensor was never added."""
         while self._in_flight:
             self._retire_oldest()
         self._thread.shutdown()

@@ -13,7 +13,8 @@ from netmorph.errors import NetmorphError
 
 
 def check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse before any work: a non-empty output without --force, or an output inside (or equal to) an input."""
+    """Refuse before any work: raises NetmorphError for an output inside (or equal to) the directory of an input, an
+    output path that is a file, or a non-empty output directory without --force."""
     resolved = output_dir.resolve()
     for source in inputs:
         source = source.resolve()

@@ -69,6 +69,8 @@ def paper_lambda_init(layer_idx: int) -> float:
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) → cat(−x₂, x₁) over the two halves of the last dim, same shape and dtype: the rotate-half of
+    HF/GPT-NeoX RoPE (transformers' modeling_llama.py, https://github.com/huggingface/transformers)."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
@@ -94,6 +96,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (..., size) → the same shape: normalised in fp32, cast back to the input dtype, then ×
+        weight (the result dtype is the promotion of the two)."""
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -469,6 +473,8 @@ def _block_mask_from_tensor(mask: torch.Tensor):
     padded = nn.functional.pad(allowed, (0, -kv_len % 128, 0, -q_len % 128), value=False)
 
     def mask_mod(b, h, q_idx, kv_idx):
+        """FlexAttention mask_mod: whether query `q_idx` of batch row `b` may attend key `kv_idx` (`h` is unused: one
+        mask serves every head)."""
         return padded[b, q_idx, kv_idx]
 
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=mask.device)

@@ -415,12 +415,18 @@ class _Launch:
         )
 
     def inputs(self):
+        """The tensors every kernel takes first: q_pos, q_neg, k_pos, k_neg, value, mask (q_pos stands in for an
+        absent mask; HAS_MASK is then off and it is never read)."""
         return self.q_pos, self.q_neg, self.k_pos, self.k_neg, self.value, self.mask
 
     def input_strides(self):
+        """Batch, head and row strides (in elements) of q, k and value, then the mask's batch, query and key strides
+        (0 where it broadcasts)."""
         return (*self.q_pos.stride()[:3], *self.k_pos.stride()[:3], *self.value.stride()[:3], *self.mask_strides)
 
     def sizes(self):
+        """The kernels' size arguments: query heads Hd, query heads per KV group, query length T, key length S,
+        head_dim d and value width 2d."""
         _, heads, groups, length, keys, head_dim = self.shape
         return heads, heads // groups, length, keys, head_dim, 2 * head_dim
 
@@ -476,6 +482,8 @@ class SplitDiffAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_pos, q_neg, k_pos, k_neg, value, mask, scale, causal, window, block_m, block_n):
+        """Runs the fused forward kernel and saves the inputs, both outputs and their fp32 log-sum-exps (B, Hd, T)
+        for the backward. Returns (o_pos, o_neg), each (B, Hd, T, 2d) in the input dtype."""
         launch = _Launch(q_pos, q_neg, k_pos, k_neg, value, mask, scale, causal, window, block_m, block_n)
         o_pos, o_neg, lse_pos, lse_neg = _forward(launch)
         ctx.save_for_backward(q_pos, q_neg, k_pos, k_neg, value, mask, o_pos, o_neg, lse_pos, lse_neg)
@@ -484,6 +492,9 @@ class SplitDiffAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do_pos, do_neg):
+        """Recomputes both maps from the saved log-sum-exps (query kernel, then key/value kernel); an output without
+        a gradient counts as zero. Returns dq_pos, dq_neg, dk_pos, dk_neg, dv in the input dtype and None for the
+        mask and the five scalar settings."""
         q_pos, q_neg, k_pos, k_neg, value, mask, o_pos, o_neg, lse_pos, lse_neg = ctx.saved_tensors
         launch = _Launch(q_pos, q_neg, k_pos, k_neg, value, mask, *ctx.launch_args)
         do_pos = torch.zeros_like(o_pos) if do_pos is None else do_pos

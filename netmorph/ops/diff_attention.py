@@ -1,4 +1,4 @@
-"""Conversion of one attention layer's tensors to differential attention.
+"""Conversion of one attention layer's tensors to differential attention (Ye et al. 2024, arXiv:2410.05258).
 
 Notation: H query heads, G KV heads, d head_dim, D hidden size; weights are `nn.Linear` weights `[out, in]`.
 
@@ -25,6 +25,15 @@ LambdaStart = Literal["paper", "zero"]
 
 @dataclass(frozen=True)
 class DiffAttentionRecipe:
+    """How `convert_attention_tensors` converts one layer.
+
+    layout: "doubled" (new negative q/k rows; exact while mix = 0), "split" (half the heads become the negative
+    component; approximate) or "v2" (DIFF V2, exact). negative_init / negative_std: the new negative q/k rows of the
+    doubled layout (`negative_component`; std of N(0, std²), in the weights' own units). lambda_start / lambda_std:
+    the λ vectors and λ_init (`lambda_tensors`). sublayer_norm: add the paper's per-head RMSNorm weight
+    `subln.weight` (approximate). Formulas: Ye et al. 2024, arXiv:2410.05258 §2.1; DIFF V2:
+    https://github.com/microsoft/unilm/tree/master/Diff-Transformer."""
+
     layout: Literal["doubled", "split", "v2"] = "doubled"
     negative_init: NegativeInit = "normal"
     negative_std: float = 0.02
@@ -43,7 +52,9 @@ def paper_lambda_init(layer_idx: int) -> float:
 def negative_component(
     positive: torch.Tensor, init: NegativeInit, std: float, generator: torch.Generator, is_bias: bool = False
 ) -> torch.Tensor:
-    """New negative q or k rows (or bias) for the doubled layout, shaped like the positive ones."""
+    """New negative q or k rows (or bias) for the doubled layout, with `positive`'s shape, dtype and device.
+    "mirror": a copy of `positive`; "zero", or any bias (`is_bias`): zeros; "normal": N(0, std²) drawn in float32
+    from `generator`, then cast to `positive`'s dtype (on the meta device, while planning, nothing is allocated)."""
     if init == "mirror":
         return positive.clone()
     if init == "zero" or is_bias:
@@ -61,7 +72,9 @@ def doubled_projection(
     std: float,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`[n·d, D]` → `[2·n·d, D]`: source rows first (positive), new rows after them (negative)."""
+    """weight `[n·d, D]` → `[2·n·d, D]`: the source rows first (positive component), `negative_component` rows after
+    them (negative); bias `[n·d]` → `[2·n·d]` with zeros after it (None stays None). The inputs' dtype and device.
+    The paper's two query/key groups [Q₁; Q₂] of the projection (Ye et al. 2024, arXiv:2410.05258, §2.1)."""
     new_weight = torch.cat([weight, negative_component(weight, init, std, generator)], dim=0)
     if bias is None:
         return new_weight, None
@@ -69,8 +82,10 @@ def doubled_projection(
 
 
 def split_layout_o_proj(o_weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Regroup o_proj columns for the split layout: differential head j (value dim 2d) writes what source heads
-    j and j + H/2 wrote. New column j·2d + c ← old j·d + c, and j·2d + d + c ← old (j + H/2)·d + c."""
+    """Regroup o_proj columns for the split layout: `[D, H·d]` → `[D, H·d]`, same dtype. Differential head j (value
+    dim 2d) writes what source heads j and j + H/2 wrote: new column j·2d + c ← old j·d + c, and j·2d + d + c ← old
+    (j + H/2)·d + c. H must be even (the caller checks: `check_convertible`; RuntimeError otherwise) and `o_weight`
+    contiguous (`view`). The 2d-wide differential head: Ye et al. 2024, arXiv:2410.05258, §2.1."""
     out_features = o_weight.shape[0]
     heads = o_weight.view(out_features, num_heads, head_dim)  # (D, H, d)
     first, second = heads.chunk(2, dim=1)  # (D, H/2, d) each
@@ -80,12 +95,16 @@ def split_layout_o_proj(o_weight: torch.Tensor, num_heads: int, head_dim: int) -
 def lambda_tensors(
     layer_idx: int, head_dim: int, start: LambdaStart, std: float, generator: torch.Generator, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """λ vectors, λ_init and mix (= 0) of one converted layer.
+    """λ tensors of one converted layer, in `dtype` on the CPU: "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"
+    `[head_dim]` (drawn in float32 from `generator`), and 0-d "lambda_init" and "mix" (= 0: the layer computes its
+    source until training raises the mix).
 
-    "paper": four independent N(0, std) vectors and the paper's λ_init; λ ≠ 0 once mix > 0.
-    "zero": λ_init = 0 and all four vectors equal to one non-zero vector u, so λ = e^{u·u} − e^{u·u} = 0 exactly at
-    any mix, while ∂λ/∂λq1 = e^{u·u}·u ≠ 0 keeps every vector trainable.
-    """
+    "paper": four independent N(0, std²) vectors and the paper's λ_init; λ ≠ 0 once mix > 0. "zero": λ_init = 0 and
+    all four vectors equal to one non-zero vector u, so λ = e^{u·u} − e^{u·u} = 0 exactly at any mix, while ∂λ/∂λq1 =
+    e^{u·u}·u ≠ 0 keeps every vector trainable.
+
+    λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init (Ye et al. 2024, arXiv:2410.05258, §2.1); the modeling code multiplies
+    λ by `mix` (netmorph's warm-up factor)."""
     if start == "zero":
         u = torch.randn(head_dim, generator=generator) * std
         vectors = [u, u, u, u]
@@ -108,9 +127,14 @@ def convert_attention_tensors(
     recipe: DiffAttentionRecipe,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """One layer: {"q_proj.weight", "q_proj.bias"?, "k_proj.*", "v_proj.*", "o_proj.*"} → differential tensors
-    under the same names plus the λ tensors (and "subln.weight" when the recipe asks for a sub-layer norm).
-    The "v2" layout is DIFF V2's exact construction (netmorph/ops/diff_v2.py)."""
+    """One layer: {"q_proj.weight" `[H·d, D]`, "q_proj.bias"?, "k_proj.*" `[G·d, D]`, "v_proj.*", "o_proj.*" `[D,
+    H·d]`} → the differential tensors under the same names, plus the λ tensors (`lambda_tensors`) and, with
+    `recipe.sublayer_norm`, "subln.weight" (ones `[d]` doubled, `[2d]` split).
+
+    doubled: q `[2·H·d, D]`, k `[2·G·d, D]` (`doubled_projection`, biases likewise), v and o unchanged. split: o_proj
+    regrouped (`split_layout_o_proj`), q/k/v unchanged. v2: DIFF V2's exact construction (netmorph/ops/diff_v2.py),
+    no λ tensors. New tensors in q_proj.weight's dtype. Raises KeyError when a weight it needs is missing. Formulas:
+    Ye et al. 2024, arXiv:2410.05258, §2.1; DIFF V2: https://github.com/microsoft/unilm/tree/master/Diff-Transformer."""
     if recipe.layout == "v2":
         return convert_attention_tensors_v2(attn, num_heads, head_dim)
     out = dict(attn)

@@ -1,4 +1,5 @@
-"""Conversion of one attention layer's tensors to DIFF V2 (Microsoft, Jan 2026).
+"""Conversion of one attention layer's tensors to DIFF V2 (Microsoft, Jan 2026;
+https://github.com/microsoft/unilm/tree/master/Diff-Transformer).
 
 DIFF V2: q_proj has 2H query heads, K and V keep their G heads, one standard attention call covers all 2H query
 heads, then differential head j = out[2j] − sigmoid(lambda_proj(x))_j · out[2j + 1], and o_proj maps the H heads
@@ -16,7 +17,10 @@ import torch
 
 
 def paired_query(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int):
-    """q_proj `[H·d, D]` → `[2·H·d, D]` with rows of head j at heads 2j and 2j + 1 (bias likewise)."""
+    """q_proj weight `[H·d, D]` → `[2·H·d, D]` with the rows of source head j at heads 2j and 2j + 1; bias `[H·d]` →
+    `[2·H·d]` likewise (None stays None). New tensors in the inputs' dtype and device; RuntimeError when `head_dim`
+    does not divide the rows. DIFF V2's head pairing
+    (https://github.com/microsoft/unilm/tree/master/Diff-Transformer); the copies are this module's construction."""
     in_features = weight.shape[-1]
     heads = weight.reshape(-1, 1, head_dim, in_features)
     new_weight = heads.expand(-1, 2, -1, -1).reshape(-1, in_features).clone()
@@ -26,8 +30,12 @@ def paired_query(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int)
 
 
 def convert_attention_tensors_v2(attn: dict[str, torch.Tensor], num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
-    """One layer: {"q_proj.weight", "q_proj.bias"?, "k_proj.*", "v_proj.*", "o_proj.*"} → DIFF V2 tensors under the
-    same names plus "lambda_proj.weight" (zeros `[H, D]`: λ = 0.5 for every token and head)."""
+    """One layer: {"q_proj.weight" `[H·d, D]`, "q_proj.bias"? `[H·d]`, "k_proj.*", "v_proj.*", "o_proj.weight" `[D,
+    H·d]`, "o_proj.bias"?} → the DIFF V2 tensors under the same names: q_proj paired (`paired_query`, `[2·H·d, D]`),
+    o_proj.weight × 2 (exact: a power of two), k/v and o_proj.bias unchanged, plus "lambda_proj.weight", zeros `[H,
+    D]` in q_proj's dtype and device (λ = sigmoid(0) = 0.5 for every token and head). Raises KeyError when
+    q_proj.weight or o_proj.weight is missing. DIFF V2:
+    https://github.com/microsoft/unilm/tree/master/Diff-Transformer."""
     out = dict(attn)
     out["q_proj.weight"], q_bias = paired_query(attn["q_proj.weight"], attn.get("q_proj.bias"), head_dim)
     if q_bias is not None:

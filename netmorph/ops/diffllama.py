@@ -8,7 +8,9 @@ and reads the 2d-wide value [v_{j//n} ‖ v_{j//n + G}]. Its output is
 `(1 − λ_init) · RMSNorm_2d(o⁺ − λ·o⁻)` — a parameter-free RMSNorm that always runs — followed by o_proj whose
 input column j·2d + c belongs to differential head j.
 
-The construction (research report §3.4, plus a value anchor):
+The construction (derived here from the stock class's forward,
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/diffllama/modeling_diffllama.py,
+plus a value anchor):
 - q/k: source rows first (positive), new negative rows after them; v: source rows, then G "anchor" heads whose
   weights are 0 and whose bias is `anchor` in every element. Attention rows sum to one, so every differential head's
   second half is the constant `anchor` vector (with λ = 0).
@@ -18,8 +20,8 @@ The construction (research report §3.4, plus a value anchor):
   is the RMSNorm's denominator for a zero first half.
 
 The RMSNorm then divides head j's output a by √((|a|² + d·anchor²)/(2d) + ε) instead of r₀: the relative error is
-≈ mean(a²)/anchor², so a large anchor makes the export nearly exact, and anchor = 0 is the plain construction of the
-report, where the norm rescales every head output to unit RMS (a large divergence).
+≈ mean(a²)/anchor², so a large anchor makes the export nearly exact, and anchor = 0 is the plain construction without an
+anchor, where the norm rescales every head output to unit RMS (a large divergence).
 """
 
 import math
@@ -30,7 +32,11 @@ from netmorph.ops.diff_attention import NegativeInit, doubled_projection, paper_
 
 
 def zero_lambda_vectors(layer_idx: int, head_dim: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """λ vectors that make DiffLlama's λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init zero for its fixed λ_init."""
+    """λ vectors that make DiffLlama's λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init zero for its fixed λ_init =
+    `paper_lambda_init(layer_idx)` (DiffLlama's `lambda_init_fn`): λq1 = λk1 = 0 and λq2 = λk2 = √(ln(1 +
+    λ_init)/d)·1, so λ = 1 − (1 + λ_init) + λ_init = 0 up to rounding in `dtype`. Four `[head_dim]` tensors in
+    `dtype` on the CPU. Stock class:
+    https://github.com/huggingface/transformers/blob/main/src/transformers/models/diffllama/modeling_diffllama.py."""
     zeros = torch.zeros(head_dim, dtype=torch.float32)
     second = torch.full((head_dim,), math.sqrt(math.log1p(paper_lambda_init(layer_idx)) / head_dim))
     vectors = {"lambda_q1": zeros, "lambda_k1": zeros, "lambda_q2": second, "lambda_k2": second}
@@ -38,21 +44,26 @@ def zero_lambda_vectors(layer_idx: int, head_dim: int, dtype: torch.dtype) -> di
 
 
 def diffllama_lambda(vectors: dict[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
-    """λ exactly as stock DiffLlama computes it (fp32 sums, the fixed λ_init)."""
+    """λ exactly as stock DiffLlama computes it: exp(Σ λq1·λk1) − exp(Σ λq2·λk2) + λ_init, the sums in float32 over
+    the last dim (a 0-d float32 tensor for `[d]` vectors), λ_init the fixed Python float of layer `layer_idx`.
+    KeyError when a vector is missing."""
     lambda_1 = torch.exp(torch.sum(vectors["lambda_q1"] * vectors["lambda_k1"], dim=-1, dtype=torch.float32))
     lambda_2 = torch.exp(torch.sum(vectors["lambda_q2"] * vectors["lambda_k2"], dim=-1, dtype=torch.float32))
     return lambda_1 - lambda_2 + paper_lambda_init(layer_idx)
 
 
 def anchored_value(weight: torch.Tensor, bias: torch.Tensor | None, anchor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """v_proj `[G·d, D]` → `[2·G·d, D]`: source rows, then zero rows whose bias is `anchor`."""
+    """v_proj weight `[G·d, D]` → `[2·G·d, D]`: the source rows, then zero rows; bias → `[2·G·d]`: the source bias
+    (zeros when None), then `anchor` in every element. The weight's dtype and device (an anchor that dtype cannot
+    represent is rounded)."""
     new_weight = torch.cat([weight, torch.zeros_like(weight)], dim=0)
     source_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias
     return new_weight, torch.cat([source_bias, torch.full_like(source_bias, anchor)], dim=0)
 
 
 def interleaved_o_proj(o_weight: torch.Tensor, num_heads: int, head_dim: int, scale: float) -> torch.Tensor:
-    """`[D, H·d]` → `[D, 2·H·d]`: head j's columns at j·2d .. j·2d + d − 1 (times `scale`), zeros after them."""
+    """o_proj weight `[D, H·d]` → `[D, 2·H·d]`: head j's columns at j·2d … j·2d + d − 1, times `scale` (multiplied in
+    float64, rounded once to o_weight's dtype), and zeros at j·2d + d … j·2d + 2d − 1."""
     out_features = o_weight.shape[0]
     heads = o_weight.reshape(out_features, num_heads, head_dim)
     scaled = (heads.to(torch.float64) * scale).to(o_weight.dtype)
@@ -60,7 +71,9 @@ def interleaved_o_proj(o_weight: torch.Tensor, num_heads: int, head_dim: int, sc
 
 
 def o_proj_scale(layer_idx: int, anchor: float, eps: float) -> float:
-    """r₀/(1 − λ_init): undoes DiffLlama's (1 − λ_init) factor and its RMSNorm's denominator at a zero first half."""
+    """r₀/(1 − λ_init) with r₀ = √(anchor²/2 + eps): undoes DiffLlama's (1 − λ_init) output factor and its RMSNorm's
+    denominator at a zero first half. anchor 0: 1/(1 − λ_init) (no denominator is undone; the norm then rescales each
+    head, see the module docstring). eps: DiffLlama's rms_norm_eps."""
     denominator = math.sqrt(anchor**2 / 2 + eps) if anchor else 1.0
     return denominator / (1 - paper_lambda_init(layer_idx))
 
@@ -76,8 +89,13 @@ def diffllama_attention_tensors(
     negative_std: float,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """One layer: Llama attention tensors {"q_proj.weight", "q_proj.bias"?, ...} → stock DiffLlama attention tensors
-    (all four projections with biases, since the anchor needs a v bias and DiffLlama's `attention_bias` is one flag)."""
+    """One layer: Llama attention tensors {"q_proj.weight" `[H·d, D]`, "q_proj.bias"?, "k_proj.*" `[G·d, D]`,
+    "v_proj.*", "o_proj.*" `[D, H·d]`} → stock DiffLlama attention tensors with all four biases (the anchor needs a v
+    bias and DiffLlama's `attention_bias` is one flag; absent biases become zeros): q `[2·H·d, D]` and k `[2·G·d, D]`
+    (`doubled_projection`), v `[2·G·d, D]` (`anchored_value`), o `[D, 2·H·d]` (`interleaved_o_proj` × `o_proj_scale`)
+    with bias `[D]`, and the λ vectors `[d]` (`zero_lambda_vectors`); in q_proj.weight's dtype. Raises KeyError when
+    a weight is missing. Stock class:
+    https://github.com/huggingface/transformers/blob/main/src/transformers/models/diffllama/modeling_diffllama.py."""
     dtype = attn["q_proj.weight"].dtype
     out = {}
     for proj in ("q_proj", "k_proj"):

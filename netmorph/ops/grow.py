@@ -7,11 +7,14 @@ A layer is a dict of *canonical* tensors, whatever the family calls them:
 Fused layouts (Phi-3 qkv_proj and gate_up_proj, GPT-NeoX query_key_value) are split into this form first and
 fused back afterwards, so every recipe below is written once.
 
-The rule behind every recipe (growth_report.md §5–§6): each new multiplicative path gets exactly one zero factor
-— the side that *writes* into the residual stream or the attention score — and random values everywhere else, so
-the function is unchanged and every new parameter still receives a gradient (a zero gate *and* up row would be a
-dead neuron forever). Tensors are computed in float64 (so a float32 checkpoint gets correctly rounded values);
-the caller casts back to the checkpoint dtype.
+The rule behind every recipe: each new multiplicative path gets exactly one zero factor — the side that *writes*
+into the residual stream or the attention score — and random values everywhere else, so the function is unchanged
+and every new parameter still receives a gradient (a zero gate *and* up row would be a dead neuron forever).
+Function-preserving growth: Net2Net (Chen et al. 2015, arXiv:1511.05641) and bert2BERT (Chen et al. 2021,
+arXiv:2110.07143) for width, Llama Pro (Wu et al. 2024, arXiv:2401.02415: copied blocks with zeroed output
+projections) for depth, HyperCloning (Samragh et al. 2024, arXiv:2409.12903) for hidden size by copies; the
+reader/writer vocabulary is netmorph/ops/roles.py's. Tensors are computed in float64 (so a float32 checkpoint gets
+correctly rounded values); the caller casts back to the checkpoint dtype.
 """
 
 import math
@@ -31,7 +34,9 @@ def _zeros(*shape) -> torch.Tensor:
 
 
 def tensor_std(tensor: torch.Tensor, fallback: float = 0.02) -> float:
-    """Scale of the random init for a tensor's new entries: the spread of its existing values."""
+    """Scale of the random init for a tensor's new entries: the (unbiased) standard deviation of its existing values,
+    computed in float64, in the tensor's own units; `fallback` when it has fewer than 2 elements or its std is 0 or
+    not finite."""
     if tensor.numel() < 2:
         return fallback
     std = tensor.to(DTYPE).std().item()
@@ -60,7 +65,10 @@ def new_layer(source_layer: dict, init: str, generator: torch.Generator, init_st
     Pre-norm gains are kept (never zero: a zero gain would cut the gradient to everything behind it). A sub-layer
     with a post-norm gets that norm's gain zeroed instead (`zero_gain`: the stored value meaning gain 0, −1 for
     Gemma's 1 + w) and keeps its writer: zeroing the writer would leave the post-norm at RMSNorm(0), whose
-    Jacobian is gain/√eps (~1000×) — exact but explosive (growth_report.md §5).
+    Jacobian is gain/√eps (~1000×) — exact but explosive.
+
+    Tensors keep their dtype, except redrawn readers (float64); std: `init_std`, else each tensor's `tensor_std`.
+    Llama Pro (Wu et al. 2024, arXiv:2401.02415) copies a block and zeroes its output projections.
     """
     silenced = {POST_NORMS[role] for role in POST_NORMS if f"{role}.weight" in source_layer}
     layer = {}
@@ -81,7 +89,10 @@ def new_layer(source_layer: dict, init: str, generator: torch.Generator, init_st
 
 
 def grow_mlp(layer: dict, new_size: int, generator: torch.Generator, init_std: float | None = None) -> dict:
-    """Intermediate size I → I′: new gate/up rows random, new down columns zero (the neuron is alive but silent)."""
+    """Intermediate size I → I′ (`new_size`): gate/up weights `[I, n]` → `[I′, n]` with random new rows N(0, std²)
+    (std: `init_std`, else each tensor's `tensor_std`) and their biases `[I]` → `[I′]` with zeros; down `[n, I]` →
+    `[n, I′]` with zero new columns (the neuron is alive but silent). Grown tensors are float64. Function-preserving
+    width growth as in Net2Net (arXiv:1511.05641), with a zero output side instead of split copies."""
     layer = dict(layer)
     old = layer["up.weight"].shape[0]
     extra = new_size - old
@@ -109,7 +120,10 @@ def head_placement(heads: int, kv_heads: int, new_heads: int, new_kv_heads: int)
     old group: r·G′ ≥ G) and old query head (j, g) moves to j·r·G′ + g; leftover KV heads are new. r = 1 appends
     whole new groups or widens groups (new query heads at the end of each group, o_proj columns permuted);
     heads fixed with K → r·K duplicates KV heads and moves nothing.
-    Returns (new index of each old query head, source KV head or None for each new KV head).
+    Returns (new index of each old query head, source KV head or None for each new KV head). Raises NetmorphError
+    when no r ≤ K′/K gives r·G′ ≥ G (e.g. K′ < K, or groups too small to hold an old group). The grouping h // G is
+    transformers' `repeat_kv` (https://github.com/huggingface/transformers,
+    src/transformers/models/llama/modeling_llama.py).
     """
     group, new_group = heads // kv_heads, new_heads // new_kv_heads
     for r in range(1, new_kv_heads // kv_heads + 1):
@@ -129,14 +143,17 @@ def regroup_heads(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_heads: int, new_kv_heads: int,
     generator: torch.Generator, init_std: float | None = None, full_width_k_norm: bool = False,
 ) -> dict:
-    """Heads H → H′ and KV heads K → K′ at a fixed head_dim (see `head_placement`).
+    """Heads H → H′ and KV heads K → K′ at a fixed head_dim d (see `head_placement`).
 
     New query heads: random q rows, zero o_proj columns. New KV heads: copies (exact: the copies serve different
-    query heads and drift apart in training) or random rows where no old head needs them.
-    A k norm over all KV heads together (OLMo2, `full_width_k_norm`) follows its heads; with every new KV head a
-    copy, each old head appears equally often, so its mean square — and the norm — is unchanged (the caller
-    refuses other KV counts). Per-head q/k norms (one weight over head_dim) need nothing.
-    """
+    query heads and drift apart in training) or random rows where no old head needs them. A k norm over all KV heads
+    together (OLMo2, `full_width_k_norm`) follows its heads; with every new KV head a copy, each old head appears
+    equally often, so its mean square — and the norm — is unchanged. Per-head q/k norms (one weight over head_dim)
+    need nothing.
+
+    Shapes: q `[H·d, n]` → `[H′·d, n]`, k/v `[K·d, n]` → `[K′·d, n]` (biases likewise, new entries 0), o `[n, H·d]` →
+    `[n, H′·d]`; new tensors float64. Raises NetmorphError when `head_placement` finds no placement, or when a
+    full-width k norm meets new KV heads that are not all copies."""
     if (heads, kv_heads) == (new_heads, new_kv_heads):
         return dict(layer)
     layer = dict(layer)
@@ -184,6 +201,9 @@ def qk_dim_positions(head_dim: int, new_head_dim: int, rotary_dims: int) -> list
     Partial rotary (r < d): rotary dims first, pass-through after — pad at the end, nothing moves.
     Full rotary, d′ = k·d: old pair i → new pair k·i (frequency θ^(−2i/d) is new frequency k·i: θ unchanged).
     Full rotary otherwise: per-half padding [x1, pad, x2, pad]; the caller sets θ′ = θ^(d′/d).
+    Returns `head_dim` indices in [0, new_head_dim). Pairing: transformers' `rotate_half`
+    (src/transformers/models/llama/modeling_llama.py); frequencies θ^(−2i/d): RoFormer (Su et al. 2021,
+    arXiv:2104.09864).
     """
     if rotary_dims < head_dim:
         return list(range(head_dim))
@@ -196,9 +216,11 @@ def grow_head_dim(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_head_dim: int, rotary_dims: int,
     generator: torch.Generator, init_std: float | None = None, scores_scale_with_head_dim: bool = True,
 ) -> dict:
-    """head_dim d → d′. q/k dims move per `qk_dim_positions`; q pads random, k pads zero (scores unchanged);
-    q × √(d′/d) undoes the change of the 1/√head_dim scaling (not needed where the scale is a config constant:
-    Gemma2/3's query_pre_attn_scalar); v pads random with zero o_proj columns."""
+    """head_dim d → d′. q/k dims move per `qk_dim_positions`; q pads random, k pads zero (scores unchanged); q ×
+    √(d′/d) undoes the change of the 1/√head_dim scaling (not needed where the scale is a config constant: Gemma2/3's
+    query_pre_attn_scalar, `scores_scale_with_head_dim` False); v pads random at the end of each head with zero
+    o_proj columns. Shapes: q `[H·d, n]` → `[H·d′, n]`, k/v `[K·d, n]` → `[K·d′, n]` (biases likewise, new entries
+    0), o `[n, H·d]` → `[n, H·d′]`; float64."""
     if new_head_dim == head_dim:
         return dict(layer)
     layer = dict(layer)
@@ -207,6 +229,8 @@ def grow_head_dim(
     q_scale = math.sqrt(d2 / d) if scores_scale_with_head_dim else 1.0
 
     def place(tensor, count, fill):  # (count·d, ...) → (count·d2, ...), old dims at `positions`
+        """(count·d, ...) → (count·d2, ...): per head, the old dims at `positions`, every other dim from
+        `fill(shape)` (float64)."""
         per_head = tensor.reshape(count, d, *tensor.shape[1:])
         grown = fill((count, d2, *tensor.shape[1:]))
         grown[:, positions] = per_head
@@ -233,7 +257,8 @@ def grow_head_dim(
 
 
 def scale_queries(layer: dict, factor: float) -> dict:
-    """q (weight and bias) × factor: every attention score of the layer × factor."""
+    """q.weight and q.bias (when present) × factor, in float64: every attention score of the layer × factor. factor
+    1.0 returns `layer` itself."""
     if factor == 1.0:
         return layer
     layer = dict(layer)
@@ -254,7 +279,9 @@ def grow_norm(
     The normalised old dims come out √(n′/n) larger (RMS over more dims, or LayerNorm variance of a mean-filled
     vector), so the old gains are × √(n/n′). New gains: the mean old gain — non-zero, so the new dims learn.
     kind: "rms" (gain w), "rms_one_plus" (Gemma: gain 1+w), "layer" (LayerNorm: gain w, bias; new bias 0 so the
-    readers see exactly 0 on the new dims).
+    readers see exactly 0 on the new dims). `extra_factor` multiplies the old gains too (a tied head: 1/embedding
+    scale). weight `[n]` → `[n′]`, bias `[n]` → `[n′]` (None stays None), float64. Derivation: the RMS of a zero-filled
+    (or the variance of a mean-filled) vector over n′ dims is √(n/n′) times that over the n old dims.
     """
     scale = math.sqrt(weight.shape[0] / new_size) * extra_factor
     extra = new_size - weight.shape[0]
@@ -268,7 +295,7 @@ def grow_norm(
 
 
 def _new_rows(matrix: torch.Tensor, extra: int, fill: str) -> torch.Tensor:
-    """Rows for the new residual dims of a writer: zero-fill (RMSNorm) or mean-fill (LayerNorm, §4)."""
+    """Rows for the new residual dims of a writer: zero-fill (RMSNorm) or mean-fill (LayerNorm), float64."""
     if fill == "mean":
         return matrix.to(DTYPE).mean(dim=0, keepdim=True).expand(extra, *matrix.shape[1:])
     return _zeros(extra, *matrix.shape[1:])
@@ -277,9 +304,12 @@ def _new_rows(matrix: torch.Tensor, extra: int, fill: str) -> torch.Tensor:
 def grow_hidden_layer(
     layer: dict, new_size: int, norm_kind: str, generator: torch.Generator, init_std: float | None = None
 ) -> dict:
-    """Hidden size n → n′ inside a layer. Readers get random new columns (they only ever see 0 there);
-    writers get new rows that keep the residual stream's new dims at 0 (RMSNorm) or at the mean of the old dims
-    (LayerNorm); norms per `grow_norm`."""
+    """Hidden size n → n′ inside a layer. Readers (q, k, v, gate, up) get random new columns, weights `[out, n]` →
+    `[out, n′]` (they only ever see 0 there); writers (o, down) get new rows, weights `[n, in]` → `[n′, in]` and
+    biases `[n]` → `[n′]`, that keep the residual stream's new dims at 0 (RMSNorm) or at the mean of the old dims
+    (LayerNorm); residual norms `[n]` → `[n′]` per `grow_norm`. norm_kind: "rms", "rms_one_plus" or "layer". Grown
+    tensors are float64; the caller scales the norms' eps by n/n′. Function-preserving width growth: Net2Net
+    (arXiv:1511.05641), bert2BERT (arXiv:2110.07143)."""
     layer = dict(layer)
     fill = "mean" if norm_kind == "layer" else "zero"
     for name, tensor in list(layer.items()):
@@ -299,8 +329,9 @@ def grow_hidden_layer(
 
 
 def grow_embedding(embedding: torch.Tensor, new_size: int, norm_kind: str, scale: float = 1.0) -> torch.Tensor:
-    """Token (or position) embedding (V, n) → (V, n′): new columns 0 (RMSNorm) or each row's mean (LayerNorm).
-    `scale` folds in a change of the model's own embedding multiplier (Gemma: √n → √n′)."""
+    """Token (or position) embedding `[V, n]` → `[V, n′]`, float64: new columns 0 (RMSNorm) or each row's mean
+    (norm_kind "layer"). `scale` multiplies the whole table: it folds in a change of the model's own embedding
+    multiplier (Gemma: √n → √n′)."""
     extra = new_size - embedding.shape[1]
     e = embedding.to(DTYPE) * scale
     new = e.mean(dim=1, keepdim=True).expand(-1, extra) if norm_kind == "layer" else _zeros(e.shape[0], extra)
@@ -308,7 +339,8 @@ def grow_embedding(embedding: torch.Tensor, new_size: int, norm_kind: str, scale
 
 
 def grow_lm_head(lm_head: torch.Tensor, new_size: int, generator: torch.Generator, init_std: float | None = None):
-    """An untied output head reads the final norm, which is exactly 0 on the new dims: random new columns."""
+    """An untied output head `[V, n]` → `[V, n′]`, float64: it reads the final norm, which is exactly 0 on the new
+    dims, so the new columns are random N(0, std²) (std: `init_std`, else the head's `tensor_std`)."""
     extra = new_size - lm_head.shape[1]
     return torch.cat([lm_head.to(DTYPE), _normal((lm_head.shape[0], extra), _std(lm_head, init_std), generator)], 1)
 
@@ -330,8 +362,10 @@ def _reader_copies(weight: torch.Tensor, copies: int, generator: torch.Generator
 
 
 def copy_hidden_layer(layer: dict, copies: int, generator: torch.Generator, init_std: float | None = None) -> dict:
-    """Hidden n → k·n inside a layer: readers as `_reader_copies`, writers' rows (and biases) and every norm over
-    the residual stream repeated k times."""
+    """Hidden n → k·n (k = `copies`) inside a layer: reader weights `[out, n]` → `[out, k·n]` as `_reader_copies`
+    (blocks W/k plus zero-sum noise of std COPY_NOISE × the tensor's std); writer weights `[n, in]` → `[k·n, in]`,
+    writer biases and every residual-norm weight/bias repeated k times; float64. The residual stream becomes [x, …,
+    x] (HyperCloning, Samragh et al. 2024, arXiv:2409.12903)."""
     layer = dict(layer)
     for name, tensor in list(layer.items()):
         role, kind = name.split(".", 1)
@@ -343,17 +377,21 @@ def copy_hidden_layer(layer: dict, copies: int, generator: torch.Generator, init
 
 
 def copy_embedding(embedding: torch.Tensor, copies: int, scale: float = 1.0) -> torch.Tensor:
-    """(V, n) → (V, k·n): each row repeated; `scale` folds in a change of the embedding multiplier (Gemma)."""
+    """`[V, n]` → `[V, k·n]`, float64: each row repeated k times, times `scale` (a change of the embedding
+    multiplier, Gemma) (HyperCloning, Samragh et al. 2024, arXiv:2409.12903)."""
     return (embedding.to(DTYPE) * scale).repeat(1, copies)
 
 
 def copy_norm(weight: torch.Tensor, bias: torch.Tensor | None, copies: int, kind: str, factor: float = 1.0):
-    """A norm over n → k·n by copies: gains repeated, × `factor` (a tied head reads k copies: 1/k there)."""
+    """A norm over n → k·n by copies: weight `[n]` → `[k·n]` (bias likewise; None stays None), float64. Gains
+    repeated × `factor` (a tied head reads k copies: 1/k there); for kind "rms_one_plus" the gain 1 + w is scaled and
+    stored back as w."""
     gain = (1.0 + weight.to(DTYPE) if kind == "rms_one_plus" else weight.to(DTYPE)) * factor
     grown = gain.repeat(copies) - (1.0 if kind == "rms_one_plus" else 0.0)
     return grown, None if bias is None else (bias.to(DTYPE) * factor).repeat(copies)
 
 
 def copy_lm_head(lm_head: torch.Tensor, copies: int, generator: torch.Generator, init_std: float | None = None):
-    """An untied output head is a reader of the final norm's k copies."""
+    """An untied output head `[V, n]` → `[V, k·n]`, float64: a reader of the final norm's k copies, grown as
+    `_reader_copies` (HyperCloning, Samragh et al. 2024, arXiv:2409.12903)."""
     return _reader_copies(lm_head, copies, generator, COPY_NOISE * _std(lm_head, init_std))

@@ -11,7 +11,9 @@ Conv1D weight (GPT-2, stored `[in, out]`) is transposed by the caller before and
 
 Interleaved is grouped with G = H, and sequential equals grouped when G = 1 (Falcon-7B's multi_query), so the
 byte layouts coincide there (`same_bytes`). Every conversion is a row permutation: exact, and undone by the
-conversion back. The index arithmetic is in ../shared/research/qkv_mask_report.md §A2.
+conversion back. The layouts are those of transformers' modeling files (https://github.com/huggingface/transformers,
+src/transformers/models/): phi3/modeling_phi3.py (qkv_proj sliced [Q | K | V]), gpt2/modeling_gpt2.py (c_attn
+`.split`), gpt_neox/modeling_gpt_neox.py (`view(..., H, 3·D)`), falcon/modeling_falcon.py (`_split_heads`).
 """
 
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ FUSED_LAYOUTS = ("sequential", "interleaved", "grouped")
 
 @dataclass(frozen=True)
 class Heads:
-    """Head counts of one attention layer: `num_heads` query heads sharing `num_kv_heads` key/value heads."""
+    """Head counts of one attention layer: `num_heads` query heads sharing `num_kv_heads` key/value heads. Raises
+    NetmorphError when a count is below 1 or the query heads are not a multiple of the key/value heads."""
 
     num_heads: int
     num_kv_heads: int
@@ -40,14 +43,17 @@ class Heads:
 
     @property
     def per_group(self) -> int:
+        """r = H / G: query heads per key/value head."""
         return self.num_heads // self.num_kv_heads
 
     @property
     def kind(self) -> str:
+        """The attention kind: "MHA" (G = H), "MQA" (G = 1 < H) or "GQA" (any other G)."""
         return "MHA" if self.num_kv_heads == self.num_heads else "MQA" if self.num_kv_heads == 1 else "GQA"
 
     def head_dim(self, fused_rows: int) -> int:
-        """D from the row count of a fused tensor ((H + 2G)·D rows)."""
+        """D from the row count of a fused tensor ((H + 2G)·D rows). Raises NetmorphError when `fused_rows` is not a
+        multiple of H + 2G."""
         slots = self.num_heads + 2 * self.num_kv_heads
         if fused_rows % slots:
             raise NetmorphError(
@@ -58,7 +64,8 @@ class Heads:
 
 
 def check_expressible(layout: str, heads: Heads) -> None:
-    """Interleaved stores one k and one v per query head, so it cannot hold shared (GQA/MQA) key/value heads."""
+    """Raises NetmorphError for a layout not in LAYOUTS, and for "interleaved" with G ≠ H: interleaved stores one k
+    and one v per query head, so it cannot hold shared (GQA/MQA) key/value heads."""
     if layout not in LAYOUTS:
         raise NetmorphError(f"unknown QKV layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if layout == "interleaved" and heads.num_kv_heads != heads.num_heads:
@@ -70,8 +77,11 @@ def check_expressible(layout: str, heads: Heads) -> None:
 
 
 def same_bytes(layout_a: str, layout_b: str, heads: Heads) -> bool:
-    """Whether two fused layouts put every row in the same place for these head counts."""
+    """Whether two fused layouts put every row in the same place for these head counts (an unknown name compares as
+    itself)."""
     def canonical(layout):
+        """The layout whose row order `layout` has for these head counts: interleaved and grouped are grouped, or
+        sequential when G = 1; separate and sequential are themselves."""
         if layout in ("grouped", "interleaved"):  # interleaved = grouped with G = H
             return "sequential" if heads.num_kv_heads == 1 else "grouped"
         return layout
@@ -80,18 +90,23 @@ def same_bytes(layout_a: str, layout_b: str, heads: Heads) -> bool:
 
 
 def fuse_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[Q | K | V]: all query rows, then all key rows, then all value rows."""
+    """q `[H·D, ...]`, k `[G·D, ...]`, v `[G·D, ...]` → [Q | K | V] `[(H + 2G)·D, ...]`: all query rows, then all key
+    rows, then all value rows (a new tensor; Phi-3 qkv_proj, GPT-2 c_attn, Falcon multi_query)."""
     return torch.cat([q, k, v], dim=0)
 
 
 def split_sequential(fused: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[Q | K | V] rows → (q `[H·D, ...]`, k `[G·D, ...]`, v `[G·D, ...]`), views of `fused` in its dtype (Phi-3
+    qkv_proj, GPT-2 c_attn after the transpose, Falcon multi_query). Raises NetmorphError when the row count is not a
+    multiple of H + 2G."""
     d = heads.head_dim(fused.shape[0])
     return tuple(fused.split([heads.num_heads * d, heads.num_kv_heads * d, heads.num_kv_heads * d], dim=0))
 
 
 def fuse_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """Per KV group g: the rows of its r query heads, then k_g, then v_g. Query head h belongs to group h // r
-    (the mapping of HF `repeat_kv` and SDPA `enable_gqa`)."""
+    """q `[H·D, ...]`, k/v `[G·D, ...]` → `[(H + 2G)·D, ...]`: per KV group g, the rows of its r query heads, then
+    k_g, then v_g (Falcon new_decoder_architecture). Query head h belongs to group h // r (the mapping of HF
+    `repeat_kv` and SDPA `enable_gqa`)."""
     g, d = heads.num_kv_heads, k.shape[0] // heads.num_kv_heads
     rest = q.shape[1:]
     groups = torch.cat([q.reshape(g, heads.per_group * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)],
@@ -100,6 +115,9 @@ def fuse_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads
 
 
 def split_grouped(fused: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `fuse_grouped`: per KV group, r query heads, then k_g, then v_g → (q `[H·D, ...]`, k `[G·D,
+    ...]`, v `[G·D, ...]`) in `fused`'s dtype (Falcon new_decoder_architecture `_split_heads`). Raises NetmorphError
+    when the row count is not a multiple of H + 2G."""
     g, r, d = heads.num_kv_heads, heads.per_group, heads.head_dim(fused.shape[0])
     rest = fused.shape[1:]
     groups = fused.reshape(g, (r + 2) * d, *rest)
@@ -110,18 +128,23 @@ def split_grouped(fused: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torc
 
 
 def fuse_interleaved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """Per head h: q_h, k_h, v_h (GPT-NeoX `view(..., H, 3·D)`). The grouped layout with one query per group."""
+    """Per head h: q_h, k_h, v_h (GPT-NeoX `view(..., H, 3·D)`), `[3·H·D, ...]`: the grouped layout with one query
+    per group. Raises NetmorphError unless G == H."""
     check_expressible("interleaved", heads)
     return fuse_grouped(q, k, v, heads)
 
 
 def split_interleaved(fused: torch.Tensor, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `fuse_interleaved` (GPT-NeoX `view(..., H, 3·D)`): per head q_h, k_h, v_h → (q, k, v), each
+    `[H·D, ...]`. Raises NetmorphError unless G == H, or when the row count is not a multiple of 3H."""
     check_expressible("interleaved", heads)
     return split_grouped(fused, heads)
 
 
 def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, heads: Heads) -> torch.Tensor:
-    """Separate q/k/v rows → one fused tensor in `layout` (one of FUSED_LAYOUTS)."""
+    """Separate q `[H·D, ...]`, k/v `[G·D, ...]` rows → one fused tensor `[(H + 2G)·D, ...]` in `layout` (one of
+    FUSED_LAYOUTS), in the inputs' dtype. Raises NetmorphError when the row counts do not hold H and G heads of one
+    size, when `layout` cannot hold these heads (`check_expressible`), or for a layout that is not fused."""
     _check_separate(q, k, v, heads)
     check_expressible(layout, heads)
     if layout == "sequential":
@@ -134,7 +157,9 @@ def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, heads: 
 
 
 def split(fused: torch.Tensor, layout: str, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of `fuse`: a fused tensor in `layout` → (q, k, v), each contiguous."""
+    """The inverse of `fuse`: a fused tensor `[(H + 2G)·D, ...]` in `layout` → (q, k, v), each contiguous, in its
+    dtype. Raises NetmorphError for a layout that is not fused or cannot hold these heads, or a row count that is not
+    a multiple of H + 2G."""
     check_expressible(layout, heads)
     if layout == "sequential":
         parts = split_sequential(fused, heads)
@@ -149,7 +174,8 @@ def split(fused: torch.Tensor, layout: str, heads: Heads) -> tuple[torch.Tensor,
 
 def relayout(parts: tuple[torch.Tensor, ...], source: str, target: str, heads: Heads) -> tuple[torch.Tensor, ...]:
     """Rows of one projection (weight or bias) from `source` to `target` layout. `parts` is (q, k, v) for the
-    separate layout and (fused,) otherwise; so is the result."""
+    separate layout and (fused,) otherwise; so is the result. Exact: a row permutation. Raises NetmorphError as
+    `split` and `fuse` do."""
     check_expressible(target, heads)
     q, k, v = parts if source == "separate" else split(parts[0], source, heads)
     if target == "separate":

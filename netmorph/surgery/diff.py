@@ -70,6 +70,8 @@ def head_counts(config, spec: ArchSpec) -> tuple[int, int, int]:
 
 
 def check_convertible(config, spec: ArchSpec, options: ConvertOptions) -> None:
+    """Refuse, before any tensor is read, what the conversion cannot do for this config: raises NetmorphError for
+    --split-heads with an odd query or KV head count, and for an ALiBi model."""
     heads, num_kv, _ = head_counts(config, spec)
     if options.split_heads and (heads % 2 or num_kv % 2):
         raise NetmorphError(
@@ -225,6 +227,10 @@ def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int)
 def convert_layer(
     reader: TensorReader, config, spec: ArchSpec, recipe: DiffAttentionRecipe, layer_idx: int, seed: int
 ) -> dict[str, torch.Tensor]:
+    """Layer `layer_idx`'s attention tensors read from `reader`, converted by the recipe, under their full output
+    names. The random draws come from one generator seeded with seed·1000003 + layer_idx, so a layer's bytes depend
+    only on the seed and its index. Raises NetmorphError (via `read_attention`) for an absent weight or a shape
+    config.json does not imply."""
     attn = read_attention(reader, config, spec, layer_idx)
     heads, _, head_dim = head_counts(config, spec)
     # One generator per layer: the bytes of a layer do not depend on which other layers exist or their order.
@@ -235,6 +241,7 @@ def convert_layer(
 
 
 def recipe_from(options: ConvertOptions) -> DiffAttentionRecipe:
+    """The DiffAttentionRecipe of these command options."""
     return DiffAttentionRecipe(
         layout=options.diff_layout,
         negative_init=options.negative_init,
@@ -276,6 +283,7 @@ def fresh_training_settings() -> dict:
 
 
 def mode_notes(options: ConvertOptions) -> list[str]:
+    """The model card's lines on the chosen conversion mode (MODE_NOTES entries)."""
     if options.variant == "v2":
         return [MODE_NOTES["v2"]]
     notes = [MODE_NOTES["split"] if options.split_heads else MODE_NOTES[options.negative_init]]
@@ -304,23 +312,31 @@ class DiffSurgery(Surgery):
 
     @property
     def exact(self) -> bool:
+        """`options.exact`: False with --split-heads or --sublayer-norm."""
         return self.options.exact
 
     def stream(self, reader: TensorReader, writer) -> None:
+        """Every tensor to `writer`, each layer's attention converted by `convert_tensors`."""
         convert_tensors(reader, self.config, self.spec, self.recipe, writer, self.options.seed)
 
     def write_files(self, directory: Path, output_dir: Path) -> None:
+        """Copy the three modeling files (MODELING_FILES) next to the weights and write config.yml for `netmorph
+        train` / axolotl."""
         for name in MODELING_FILES:
             shutil.copy2(MODELING_DIR / name, directory / name)
         write_training_yaml(directory, self.source.yaml_config, output_dir)
 
     def load_output(self, directory: Path, dtype: torch.dtype):
+        """The written model loaded with netmorph's class for the family directly (no remote code), in `dtype` on
+        `output_backend`."""
         from netmorph.modeling.modeling_netmorph_diff import family_model_class
 
         return family_model_class(self.spec.model_type).from_pretrained(
             str(directory), dtype=dtype, attn_implementation=self.output_backend).eval()
 
     def card(self) -> Card:
+        """The conversion's card: the mode notes, the λ formula of the variant and how to fine-tune; loading needs
+        remote code."""
         lam = LAMBDA_V2 if self.options.variant == "v2" else LAMBDA_V1
         return Card(f"Differential-attention conversion of `{self.source.description}`",
                     [*(f"- {note}" for note in mode_notes(self.options)), "", *lam, "",
@@ -328,6 +344,7 @@ class DiffSurgery(Surgery):
                     remote_code=True)
 
     def summary(self) -> str:
+        """What changed: "N attention layers → <layout> differential attention"."""
         return f"{self.config.num_hidden_layers} attention layers → {self.options.diff_layout} differential attention"
 
 
@@ -344,13 +361,18 @@ class DiffLlamaSurgery(DiffSurgery):
 
     @property
     def exact(self) -> bool:
+        """Always False: DiffLlama's per-head RMSNorm always runs, so the export is approximate."""
         return False
 
     def stream(self, reader: TensorReader, writer) -> None:
+        """Every tensor to `writer`, each layer's attention replaced by `diffllama_attention_tensors` (doubled q/k,
+        anchored v, interleaved o_proj, λ = 0)."""
         heads, _, head_dim = head_counts(self.source.config, self.spec)
         options = self.options
 
         def export_layer(layer_idx: int) -> dict[str, torch.Tensor]:
+            """Layer `layer_idx`'s attention as stock DiffLlama tensors under their full names (seeded with
+            seed·1000003 + layer_idx)."""
             attn = read_attention(reader, self.source.config, self.spec, layer_idx)  # shapes checked
             generator = torch.Generator().manual_seed(options.seed * 1_000_003 + layer_idx)
             converted = diffllama_attention_tensors(attn, layer_idx, heads, head_dim, options.diffllama_anchor,
@@ -361,21 +383,26 @@ class DiffLlamaSurgery(DiffSurgery):
         stream_attention_layers(reader, self.config, self.spec, writer, export_layer)
 
     def write_files(self, directory: Path, output_dir: Path) -> None:
+        """Nothing: a stock class needs no modeling code and no differential training config."""
         pass  # a stock class: no modeling code, no differential training config
 
     def layerwise_refusal(self) -> str | None:
+        """Always refused: the export is approximate, and its measure is the whole model's divergence."""
         return "the export is approximate, and its proof is the whole model's divergence"
 
     def load_output(self, directory: Path, dtype: torch.dtype):
+        """The base loader: the written checkpoint through AutoModelForCausalLM (stock DiffLlama)."""
         return Surgery.load_output(self, directory, dtype)
 
     def card(self) -> Card:
+        """The export's card: a stock DiffLlamaForCausalLM (no remote code), the doubled heads and the anchor."""
         return Card(f"DiffLlama export of `{self.source.description}`", [
             "- A stock transformers `DiffLlamaForCausalLM` (no remote code). Query and KV heads are doubled (the "
             "source's heads first, new negative heads after them), λ = 0 through the λ vectors, and a value anchor of "
             f"{self.options.diffllama_anchor:g} keeps DiffLlama's mandatory per-head RMSNorm nearly linear."])
 
     def summary(self) -> str:
+        """What changed: "N attention layers → stock DiffLlama"."""
         return f"{self.config.num_hidden_layers} attention layers → stock DiffLlama"
 
 

@@ -35,6 +35,9 @@ FULL_ROTARY_ROPE_TYPES = ("default", "linear", "llama3")  # act per frequency: �
 
 @dataclass(frozen=True)
 class Dims:
+    """The growable sizes of a model (`GROW_DIMS`): layers, MLP intermediate size, query heads, key/value heads,
+    head_dim and hidden size, all counts."""
+
     layers: int
     intermediate: int
     heads: int
@@ -64,6 +67,7 @@ class GrowthPlan:
 
     @property
     def attention_changes(self) -> bool:
+        """Whether heads, KV heads, head_dim or the hidden size change (the attention tensors reshape)."""
         s, t = self.source, self.target
         return (s.heads, s.kv_heads, s.head_dim, s.hidden) != (t.heads, t.kv_heads, t.head_dim, t.hidden)
 
@@ -72,6 +76,7 @@ class GrowthPlan:
 
 
 def source_dims(config, spec: ArchSpec) -> Dims:
+    """The sizes of a source config, read through the family's field names (GPT-2's n_inner None → 4 × hidden)."""
     heads, hidden = config.num_attention_heads, config.hidden_size
     return Dims(
         layers=config.num_hidden_layers,
@@ -178,6 +183,8 @@ def new_layer_positions(num_source: int, num_new: int, where: str) -> list[int]:
 
 
 def layer_order(num_source: int, positions: list[int]) -> list[tuple[int, bool]]:
+    """Per output layer, (source layer index, is it new): every source layer in order, each followed by as many new
+    layers as `positions` lists it."""
     order = []
     for i in range(num_source):
         order.append((i, False))
@@ -235,6 +242,12 @@ def _layer_index_q_scales(spec: ArchSpec, config, order: list[tuple[int, bool]])
 
 
 def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
+    """Every check and decision of a growth from the source config alone, before any tensor is read: target sizes,
+    layer order, RoPE and eps updates, per-layer q scales. Raises NetmorphError for a shrinking or impossible size, a
+    family refusal (ArchSpec.grow_refuses), a head layout that cannot hold the old heads, an odd or unsupported
+    head_dim growth under RoPE, --new-layers-at positions that do not fit, or a hidden size that is not a whole
+    multiple where the family grows by copies. Recipes: Llama Pro (arXiv:2401.02415) for depth; Net2Net
+    (arXiv:1511.05641) and bert2BERT (arXiv:2110.07143) for width."""
     source = source_dims(config, spec)
     _check_not_shrinking(source, options)
     _check_refusals(spec, config, source, options)
@@ -465,6 +478,8 @@ def _layer_unchanged(reader: TensorReader, plan: GrowthPlan, names: list[str], o
 
 
 def copy_layer(reader: TensorReader, spec: ArchSpec, source_idx: int, out_idx: int, names: list[str], writer) -> None:
+    """Source layer `source_idx`'s tensors under output layer `out_idx`'s prefix, byte for byte (`pass_through`: file
+    to file when the writer can)."""
     source_prefix, out_prefix = spec.layer_prefix.format(i=source_idx), spec.layer_prefix.format(i=out_idx)
     for name in names:
         pass_through(reader, writer, name, out_prefix + name[len(source_prefix):])
@@ -475,6 +490,7 @@ def copy_layer(reader: TensorReader, spec: ArchSpec, source_idx: int, out_idx: i
 
 
 def describe(plan: GrowthPlan) -> str:
+    """The changed sizes as "dim old→new, …", or "no change"."""
     s, t = asdict(plan.source), asdict(plan.target)
     return ", ".join(f"{k} {s[k]}→{t[k]}" for k in s if s[k] != t[k]) or "no change"
 
@@ -504,6 +520,7 @@ class GrowSurgery(Surgery):
         return writer if self.out_dtype == self.stored_dtype else CastingWriter(writer, self.out_dtype)
 
     def stream(self, reader: TensorReader, writer) -> None:
+        """Every output tensor to `writer` (`grow_tensors`), cast to --dtype when it differs from the source's."""
         grow_tensors(reader, self.plan, self.tied, self._cast(writer), self.options)
 
     def stream_meta(self, reader: TensorReader, recorder) -> None:
@@ -514,6 +531,8 @@ class GrowSurgery(Surgery):
             grow_tensors(MetaReader(reader), self.plan, self.tied, self._cast(recorder), planning)
 
     def layerwise_refusal(self) -> str | None:
+        """Refused when the depth or the hidden size changes (layer i is compared with layer i, on hidden states of
+        one width)."""
         s, t = self.plan.source, self.plan.target
         if (s.layers, s.hidden) != (t.layers, t.hidden):
             return "it changes the depth or the hidden size, and layer-wise verification compares layer i with layer i"
@@ -537,6 +556,7 @@ class GrowSurgery(Surgery):
                               f"in {name}; --dtype float32 keeps them exact)")
 
     def card(self) -> Card:
+        """The growth's card: what grew, the stock class that loads it, and how the new parameters start."""
         model_class = (self.config.architectures
                        or [f"{type(self.config).__name__.removesuffix('Config')}ForCausalLM"])[0]
         return Card(f"Grown `{self.source.description}`", [
@@ -547,6 +567,7 @@ class GrowSurgery(Surgery):
             "so every new parameter trains."])
 
     def summary(self) -> str:
+        """The changed sizes (`describe`)."""
         return describe(self.plan)
 
 

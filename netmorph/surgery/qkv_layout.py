@@ -65,12 +65,15 @@ class LayoutPlan:
         return "qkv" in self.source_spec.transposed
 
     def inverse(self) -> "LayoutPlan":
+        """The plan that converts the output back to the source (source and target swapped)."""
         return replace(self, source_spec=self.target_spec, target_spec=self.source_spec,
                        source_layout=self.target_layout, target_layout=self.source_layout,
                        source_qkv=self.target_qkv, target_qkv=self.source_qkv,
                        source_mlp=self.target_mlp, target_mlp=self.source_mlp)
 
     def layer_names(self, layer_idx: int, source: bool = True) -> list[str]:
+        """The full stored names (weight and bias, present or not) of layer `layer_idx`'s q/k/v and converted MLP
+        tensors, on the source side or the target side."""
         spec, names = (self.source_spec, self.source_qkv + self.source_mlp) if source else \
             (self.target_spec, self.target_qkv + self.target_mlp)
         prefix = spec.layer_prefix.format(i=layer_idx)
@@ -80,14 +83,19 @@ class LayoutPlan:
 # ── which layout a checkpoint holds, under which names ──
 
 def heads_of(spec: ArchSpec, config) -> Heads:
+    """The query and key/value head counts of a config (ArchSpec.num_kv_heads for the KV heads)."""
     return Heads(config.num_attention_heads, spec.num_kv_heads(config))
 
 
 def current_layout(spec: ArchSpec, config) -> str:
+    """The layout the checkpoint's q/k/v are stored in: config.json's `netmorph_qkv_layout` (written by this command
+    for a non-stock layout), else the family's stock layout."""
     return getattr(config, MARKER, None) or spec.qkv_layout
 
 
 def is_stock_layout(spec: ArchSpec, layout: str, heads: Heads) -> bool:
+    """Whether the family's stock transformers class reads q/k/v stored in `layout` for these head counts (the same
+    layout, or fused layouts whose rows coincide: `same_bytes`)."""
     if spec.qkv_layout == "separate" or layout == "separate":
         return layout == spec.qkv_layout
     return same_bytes(layout, spec.qkv_layout, heads)
@@ -337,6 +345,7 @@ class QkvLayoutSurgery(Surgery):
         self.round_trip_tensors = 0
 
     def stream(self, reader: TensorReader, writer) -> None:
+        """Every tensor to `writer`, each layer's q/k/v rearranged by `convert_tensors`."""
         convert_tensors(reader, self.plan, writer)
 
     def bit_checks(self, reader: TensorReader, directory: Path) -> list[str]:
@@ -351,9 +360,12 @@ class QkvLayoutSurgery(Surgery):
 
     @property
     def verifiable(self) -> bool:
+        """Whether both models can run: the source and the target layout must each be one that a stock class reads."""
         return self.plan.stock and self.plan.source_stock
 
     def card(self) -> Card:
+        """The relayout's card: the source layout and heads, the output names, a warning for a non-stock layout, and
+        the bit-level checks that passed."""
         plan, heads = self.plan, self.plan.heads
         lines = [
             "- A row permutation: every weight and bias keeps its exact bits.",
@@ -372,6 +384,7 @@ class QkvLayoutSurgery(Surgery):
         return Card(f"`{self.source.description}` with q/k/v in the {plan.target_layout} layout", lines)
 
     def summary(self) -> str:
+        """The plan's note: which stock class (or none) reads the output layout."""
         return self.plan.note
 
 

@@ -67,12 +67,15 @@ class DiffAttnWarmupCallback(TrainerCallback):
             set_mix(model, mix_at(state.global_step, self.warmup_steps))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """TrainerCallback hook: sets the mix for the starting (or resumed) global step."""
         self._apply(state, model)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        """TrainerCallback hook: sets the mix of the optimizer step about to run."""
         self._apply(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        """TrainerCallback hook: sets the mix of the next step, so a checkpoint saved now holds the scheduled value."""
         self._apply(state, model)
 
 
@@ -135,21 +138,28 @@ class DiffAttnMonitorCallback(TrainerCallback):
         self._branch: dict[int, dict[str, float]] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """TrainerCallback hook: picks the monitored layers (`monitored_layers`) and registers a forward pre-hook on
+        each."""
         modules = diff_attention_modules(model)
         indices = monitored_layers(len(modules), self.num_monitor_layers) if modules else []
         self._layers = {i: modules[i] for i in indices}
         self._hooks = [m.register_forward_pre_hook(self._capture(i), with_kwargs=True) for i, m in self._layers.items()]
 
     def on_train_end(self, args, state, control, **kwargs):
+        """TrainerCallback hook: removes the forward pre-hooks."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        """TrainerCallback hook: arms the pre-hooks when the coming step is a logging step."""
         if (state.global_step + 1) % self.log_every == 0:
             self._armed = set(self._layers)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        """TrainerCallback hook: on a logging step, logs `metrics(model)` through `trainer.log` (main process only,
+        keeping the Trainer's own should_log) and clears the captured statistics. Raises RuntimeError when `trainer`
+        was never set."""
         if not self._layers or state.global_step % self.log_every:
             return
         self._armed = set()
@@ -184,6 +194,8 @@ class DiffAttnMonitorCallback(TrainerCallback):
 
     def _capture(self, index: int):
         def hook(module, args, kwargs):
+            """Forward pre-hook: on the first call after arming, records the branch statistics (and DIFF V2's
+            per-token λ mean and std) of the first sequence, at most `max_tokens` tokens."""
             if index not in self._armed:
                 return
             self._armed.discard(index)  # first micro-batch only (and not again under gradient checkpointing)

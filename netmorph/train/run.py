@@ -47,6 +47,9 @@ def dataset_blocks(tokenizer, entries: list[DatasetEntry], sequence_len: int, ba
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the output directory, the optimizer steps done, the mean training loss, the final eval
+    loss (None without eval data) and the final mix (None without a differential V1 model)."""
+
     output_dir: str
     global_step: int
     train_loss: float
@@ -154,6 +157,9 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
 
 @dataclass
 class Precision:
+    """The dtypes of a training run: `train_dtype` the model is cast to and trained in, `save_dtype` it is saved in
+    (and why: `save_reason`), and whether bf16 / fp16 autocast (mixed precision) is on."""
+
     train_dtype: torch.dtype
     save_dtype: torch.dtype
     save_reason: str
@@ -210,6 +216,9 @@ def save_model(trainer, source: Source, out: Path) -> None:
 
 @dataclass
 class EvalResult:
+    """One model's figures from `evaluate`: its name, the predicted tokens, the token-weighted mean next-token loss
+    (nats) and the perplexity exp(loss), with loss clipped at 700 before exp."""
+
     model: str
     tokens: int
     loss: float
@@ -266,6 +275,8 @@ def _check_same_vocab(tokenizer, other: Source, first: str, second: str) -> None
 
 
 def results_table(results: list[EvalResult]) -> str:
+    """The `evaluate` results as a text table (model, tokens, loss, perplexity), plus Δloss (second − first, absolute
+    and relative) for two models."""
     lines = [f"{'model':<50} {'tokens':>8} {'loss':>10} {'ppl':>10}"]
     lines += [f"{r.model[-50:]:<50} {r.tokens:>8} {r.loss:>10.5f} {r.perplexity:>10.3f}" for r in results]
     if len(results) == 2:
@@ -275,6 +286,7 @@ def results_table(results: list[EvalResult]) -> str:
 
 
 def results_json(results: list[EvalResult]) -> str:
+    """The `evaluate` results as JSON: {"results": [...]}, plus "loss_delta" for two models."""
     payload = {"results": [asdict(r) for r in results]}
     if len(results) == 2:
         payload["loss_delta"] = results[1].loss - results[0].loss

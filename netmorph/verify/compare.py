@@ -17,6 +17,9 @@ DEFAULT_PROMPTS = ("The quick brown fox", "The license grants you the right to",
 
 @dataclass
 class TextComparison:
+    """Two models on one text: token count, max and mean |Δlogit| (fp32 logits), mean KL(original ‖ converted) per
+    position in nats, and each model's mean next-token cross-entropy loss (nats)."""
+
     name: str
     tokens: int
     max_abs_logit_diff: float
@@ -27,26 +30,35 @@ class TextComparison:
 
     @property
     def perplexity_original(self) -> float:
+        """exp(loss_original) (OverflowError above a loss of about 709 nats)."""
         return math.exp(self.loss_original)
 
     @property
     def perplexity_converted(self) -> float:
+        """exp(loss_converted) (OverflowError above a loss of about 709 nats)."""
         return math.exp(self.loss_converted)
 
 
 @dataclass
 class GenerationComparison:
+    """Both models' greedy continuations of one prompt, as decoded text."""
+
     prompt: str
     original: str
     converted: str
 
     @property
     def match(self) -> bool:
+        """Whether the two continuations are the same text."""
         return self.original == self.converted
 
 
 @dataclass
 class VerifyReport:
+    """The full verification of a checkpoint against its source: per-text logit figures, greedy generations, the
+    tolerance on max |Δlogit| and where it comes from, the tokenizer check and the precision (`dtype`) both models
+    ran in."""
+
     attn_implementation: str
     tolerance: float
     dtype: str = "float32"
@@ -61,22 +73,28 @@ class VerifyReport:
 
     @property
     def max_abs_logit_diff(self) -> float:
+        """The largest max |Δlogit| over the texts (ValueError when there are none)."""
         return max(t.max_abs_logit_diff for t in self.texts)
 
     @property
     def max_abs_loss_delta(self) -> float:
+        """The largest |loss_converted − loss_original| over the texts, in nats."""
         return max(abs(t.loss_converted - t.loss_original) for t in self.texts)
 
     @property
     def generations_match(self) -> bool:
+        """Whether every greedy continuation matches (True when there are none)."""
         return all(g.match for g in self.generations)
 
     @property
     def passed(self) -> bool:
+        """max |Δlogit| ≤ tolerance (NaN fails), greedy text matching where required, and a tokenizer that did not
+        fail its check."""
         return (self.max_abs_logit_diff <= self.tolerance and (self.generations_match or not self.generations_required)
                 and self.tokenizer_match is not False)
 
     def to_dict(self) -> dict:
+        """The report as plain data, with the derived figures (perplexities, matches, pass) added."""
         data = asdict(self)
         for text, entry in zip(self.texts, data["texts"]):
             entry["perplexity_original"] = text.perplexity_original
@@ -90,9 +108,11 @@ class VerifyReport:
         return data
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
+        """The report as the text table the CLI prints and the model card embeds."""
         lines = [
             f"attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:.3g} ({self.dtype})"
             + (f" = {self.tolerance_basis}" if self.tolerance_basis else ""),
@@ -156,6 +176,8 @@ def card_lines(reports, exact: bool = True) -> list[str]:
 
 @torch.no_grad()
 def compare_text(original, converted, input_ids: torch.Tensor, name: str) -> TextComparison:
+    """Run both models on `input_ids` (1, T) without a KV cache and compare their logits (`compare_logits`); `name`
+    labels the text."""
     logits_a = original(input_ids, use_cache=False).logits.float()[0]  # (T, vocab)
     logits_b = converted(input_ids, use_cache=False).logits.float()[0]
     return compare_logits(logits_a, logits_b, input_ids, name)

@@ -57,6 +57,9 @@ LM_HEAD_ROWS_PER_CHUNK = 8192
 
 @dataclass
 class LayerComparison:
+    """One row of the layer-wise table: max |Δ| of the hidden states when both layers get the original's input
+    (`same_input`) and on the converted model's own path (`own_path`)."""
+
     layer: str
     same_input_max_abs_diff: float
     own_path_max_abs_diff: float
@@ -64,6 +67,9 @@ class LayerComparison:
 
 @dataclass
 class LayerwiseReport:
+    """The layer-wise verification of a checkpoint: per-layer hidden-state differences, per-text logit figures and
+    teacher-forced top-1 agreement (fraction of positions), the tolerance on max |Δlogit| and the tokenizer check."""
+
     tolerance: float
     attn_implementation: str
     layers: list[LayerComparison] = field(default_factory=list)
@@ -74,21 +80,26 @@ class LayerwiseReport:
 
     @property
     def max_abs_logit_diff(self) -> float:
+        """The largest max |Δlogit| over the texts (ValueError when there are none)."""
         return max(t.max_abs_logit_diff for t in self.texts)
 
     @property
     def max_layer_diff(self) -> float:
+        """The largest same-input hidden-state difference over the rows (ValueError when there are none)."""
         return max(layer.same_input_max_abs_diff for layer in self.layers)
 
     @property
     def top1_match(self) -> bool:
+        """Whether the top-1 tokens agree at every position of every text."""
         return all(agreement == 1.0 for agreement in self.top1_agreement)
 
     @property
     def passed(self) -> bool:
+        """max |Δlogit| ≤ tolerance (NaN fails), every top-1 token agreeing, and no failed tokenizer check."""
         return self.max_abs_logit_diff <= self.tolerance and self.top1_match and self.tokenizer_match is not False
 
     def to_dict(self) -> dict:
+        """The report as plain data, with the derived figures (perplexities, maxima, pass) and mode "layerwise"."""
         data = asdict(self)
         for text, entry in zip(self.texts, data["texts"]):
             entry["perplexity_original"] = text.perplexity_original
@@ -98,9 +109,11 @@ class LayerwiseReport:
         return data
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
+        """The report as the text table the CLI prints and the model card embeds."""
         lines = [
             f"layer-wise   attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} (fp32)",
             f"{'layer':<16}{'max|Δ| same input':>19}{'max|Δ| own path':>17}",
@@ -179,9 +192,13 @@ class LayerByLayer:
         self.model.load_state_dict(state, strict=False, assign=True)
 
     def tensor_name(self, module: nn.Module, key: str) -> str:
+        """The stored name of `module`'s parameter or buffer `key` (its path in the model, then the key)."""
         return f"{self._names[id(module)]}.{key}"
 
     def read(self, name: str) -> torch.Tensor:
+        """The stored tensor `name` (the output embedding falls back to the family's stored head name or to the tied
+        input embedding), checked to be finite. Raises NetmorphError when the checkpoint lacks it or it holds
+        NaN/Inf."""
         if name not in self.reader and name == self.tensor_name(self.model.get_output_embeddings(), "weight"):
             name = self._stored_lm_head()
         if name not in self.reader:
@@ -206,6 +223,7 @@ class LayerByLayer:
 
     @staticmethod
     def release(module: nn.Module) -> None:
+        """Move `module`'s tensors to the meta device and hand the freed memory back to the OS."""
         module.to("meta")
         release_freed_memory()
 
@@ -363,6 +381,8 @@ def compare_layerwise(
     outputs_a = _Spill()
 
     def record(index, layer, args, kwargs, output):
+        """on_layer of the original model: keeps each layer's output (and layer 0's input, the embedding) in the
+        spill file."""
         if index == 0:
             outputs_a[-1] = _layer_input(args, kwargs)  # the embedding (scaled, positions added: the model's own)
         outputs_a[index] = output
@@ -375,6 +395,8 @@ def compare_layerwise(
     figures = {}
 
     def compare(index, layer, args, kwargs, output):
+        """on_layer of the converted model: reruns the layer on the original's input to it and records both
+        differences (same input, own path) at the valid positions."""
         if index == 0:
             embedding = _max_abs_diff(outputs_a[-1], _layer_input(args, kwargs), valid)
             report.layers.append(LayerComparison("embedding", embedding, embedding))
