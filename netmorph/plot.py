@@ -91,7 +91,7 @@ def _save(figure, output: str | Path) -> Path:
 
 
 @torch.no_grad()
-def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def attention_maps(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
     """Positive and negative softmax maps (heads, T, T) of one differential-attention layer for one sequence,
     from the layer's real input during a forward pass, and the λ the layer applies."""
     from netmorph.train.callbacks import attention_input, diff_attention_modules, token_lambda

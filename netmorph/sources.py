@@ -251,14 +251,16 @@ def _first_line(error: Exception) -> str:
 
 def read_yaml(path: Path) -> dict:
     """The mapping of a YAML file, read as UTF-8 with yaml.safe_load. Raises NetmorphError when the file is not
-    UTF-8, not valid YAML, or not a mapping (OSError, e.g. a missing file, is not caught)."""
+    UTF-8, not valid YAML, not a mapping, or cannot be read (missing, a directory, no permission)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise NetmorphError(f"{path} is not a UTF-8 text file: pass a YAML config") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. a date like 2024-13-45
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NetmorphError(f"{path} is not valid YAML: {first_line}") from None
+    except OSError as e:
+        raise NetmorphError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise NetmorphError(f"{path} must hold a YAML mapping with at least a base_model key")
     return data

@@ -309,3 +309,73 @@ def test_stale_rotary_buffers_are_ignored_by_every_command(tmp_path):
         code, output = run(args[0], source, "-o", out, *args[1:])
         assert code == 0, output
         assert not any("inv_freq" in name for file in out.glob("*.safetensors") for name in load_file(file))
+
+
+# ── faults found by reading the code (docstring review) ─────────────────────────────────────────────────────────
+
+
+def test_evaluate_compare_with_a_weights_only_directory_uses_the_first_tokenizer(tmp_path):
+    """A compared model without tokenizer files is evaluated on the first model's tokens (it used to fail: the
+    fallback caught ValueError/OSError while loading raises NetmorphError)."""
+    import shutil
+
+    from netmorph.sources import default_text_files
+    from tests.helpers import convert
+
+    save_tiny_model(tmp_path / "tiny", "llama")
+    save_char_tokenizer(tmp_path / "tiny")
+    convert(tmp_path / "tiny", tmp_path / "diff")
+    (tmp_path / "weights").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "tiny" / name, tmp_path / "weights" / name)
+    code, output = run("evaluate", tmp_path / "diff", "--compare", tmp_path / "weights", "--dataset",
+                       default_text_files()[0], "--sequence-len", 32, "--max-blocks", 4, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert abs(report["loss_delta"]) <= 1e-4  # an exact conversion against its own source, same tokens
+
+
+def test_converted_config_names_the_weights_dtype_not_the_first_header_entry(tmp_path):
+    """safetensors lists wider dtypes first: one fp32 tensor in a bf16 checkpoint used to make config.json say
+    float32 (and the stock class then loads the whole model in fp32)."""
+    source = save_tiny_model(tmp_path / "src", "llama")
+    tensors = load_file(source / "model.safetensors")
+    tensors = {name: (t if name == "model.norm.weight" else t.to(torch.bfloat16)) for name, t in tensors.items()}
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    code, output = run(CONVERT, source, "-o", tmp_path / "out", "--no-verify")
+    assert code == 0, output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_grow_of_an_untied_checkpoint_without_its_head_is_one_line(tmp_path):
+    source = save_grow_source(tmp_path / "src", "llama", tie_word_embeddings=False)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    for extra in (["--num-layers", "3"], ["--num-layers", "4", "--hidden-size", "72"]):
+        code, output = run("grow", source, "-o", tmp_path / f"out{len(extra)}", "--no-verify", *extra)
+        assert code == 2 and output.strip().splitlines()[-1] == (
+            "error: the checkpoint has no lm_head.weight but config.json says the embeddings are not tied: it is "
+            "incomplete"), output
+        assert not (tmp_path / f"out{len(extra)}").exists()
+
+
+def test_a_header_whose_byte_span_disagrees_with_the_shape_is_one_line(tmp_path):
+    source = save_tiny_model(tmp_path / "src", "llama")
+    path = source / "model.safetensors"
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header["model.norm.weight"]["shape"] = [header["model.norm.weight"]["shape"][0] // 2]
+    encoded = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)  # same length: only the shape differs
+    path.write_bytes(data[:8] + encoded + data[8 + header_len:])
+    code, output = run(CONVERT, source, "-o", tmp_path / "out", "--no-verify")
+    assert code == 2
+    assert output.strip().startswith(f"error: corrupt safetensors header in {path}: model.norm.weight spans"), output
+
+
+def test_a_training_yaml_that_cannot_be_read_is_one_line(tmp_path):
+    (tmp_path / "config.yml").mkdir()  # a directory where the YAML file should be
+    code, output = run("train", tmp_path / "config.yml")
+    assert code == 2 and output.startswith("error: ") and len(output.strip().splitlines()) == 1, output

@@ -13,7 +13,6 @@ with, and the space each reads and writes).
 from dataclasses import dataclass, field
 
 from netmorph.errors import NetmorphError
-from netmorph.ops.roles import ROLE_SPACES
 
 QKV_LAYOUTS = {
     "separate": "three tensors q/k/v",

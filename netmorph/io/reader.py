@@ -5,7 +5,7 @@ memory-mapped, so a conversion's resident memory is the tensors it holds, not th
 Shapes and dtypes come from the shard headers without reading any data (`describe`, `MetaReader`).
 """
 
-import errno
+import math
 import json
 import logging
 import os
@@ -100,8 +100,14 @@ def check_safetensors_file(path: Path) -> list[str]:
             header = json.loads(f.read(header_len))
             names = [name for name in header if name != "__metadata__"]
             data_end = max((int(header[name]["data_offsets"][1]) for name in names), default=0)
+            spans = [(name, *(int(offset) for offset in header[name]["data_offsets"]), DTYPES.get(header[name]["dtype"]),
+                      math.prod(int(n) for n in header[name]["shape"])) for name in names]
         except (ValueError, KeyError, TypeError, IndexError):
             raise NetmorphError(f"corrupt safetensors header in {path}: re-download the checkpoint") from None
+    for name, begin, end, dtype, numel in spans:
+        if begin < 0 or end < begin or (dtype is not None and end - begin != numel * dtype.itemsize):
+            raise NetmorphError(f"corrupt safetensors header in {path}: {name} spans {end - begin} bytes but its shape "
+                                f"needs {numel * (dtype.itemsize if dtype else 1)}; re-download the checkpoint")
     if 8 + header_len + data_end > size:
         raise NetmorphError(
             f"truncated safetensors file {path}: {size} bytes on disk, {8 + header_len + data_end} expected; "
@@ -152,7 +158,7 @@ def check_finite_in_file(info: TensorInfo, fd: int, offset: int, buffer: bytearr
     """`check_finite` for a tensor's raw bytes in a file (a tensor copied file to file, never loaded whole): reads
     the `info.nbytes` bytes at byte `offset` of file descriptor `fd` in pieces into one reused `buffer`
     (CHECK_CHUNK_BYTES when None), so the check costs a read from the page cache and no memory. Raises the same
-    NetmorphError, with the same counts, as `check_finite` on the whole tensor, and OSError (EIO) when the file ends
+    NetmorphError, with the same counts, as `check_finite` on the whole tensor, and NetmorphError when the file ends
     inside the tensor. Non-floating and empty tensors pass unchecked."""
     if not info.dtype.is_floating_point or not info.nbytes:
         return
@@ -166,7 +172,7 @@ def check_finite_in_file(info: TensorInfo, fd: int, offset: int, buffer: bytearr
         while got < want:
             count = os.preadv(fd, [view[got:want]], offset + done + got)
             if not count:
-                raise OSError(errno.EIO, f"the file ends inside tensor {info.name}")
+                raise NetmorphError(f"the file ends inside tensor {info.name}: re-download the checkpoint")
             got += count
         piece = torch.frombuffer(buffer, dtype=torch.uint8, count=want).view(info.dtype)
         piece_nan, piece_inf = count_nonfinite(piece)

@@ -305,9 +305,9 @@ class DiffSurgery(Surgery):
         super().__init__(source, options)
         self.spec = spec_for(source.config.model_type, self.command)
         self.source_backend = self.output_backend = self.spec.attention_backend
-        reader = source.reader()
-        dtype = reader.describe(next(iter(reader.keys()))).dtype  # from the header: no tensor is read for it
-        self.config = target_config(source.config, self.spec, options, dtype)
+        # the weights' dtype (the most common floating dtype, from the headers): an fp32 norm listed first does not
+        # make a bf16 checkpoint's config say float32
+        self.config = target_config(source.config, self.spec, options, source.stored_dtype())
         self.recipe = recipe_from(options)
 
     @property
@@ -356,8 +356,7 @@ class DiffLlamaSurgery(DiffSurgery):
     def __init__(self, source, options: ConvertOptions):
         Surgery.__init__(self, source, options)
         self.spec = spec_for(source.config.model_type)
-        reader = source.reader()
-        self.config = diffllama_config(source.config, self.spec, reader.describe(next(iter(reader.keys()))).dtype)
+        self.config = diffllama_config(source.config, self.spec, source.stored_dtype())
 
     @property
     def exact(self) -> bool:

@@ -377,6 +377,9 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
     for name in (spec.embed, f"{spec.final_norm}.weight"):
         if name not in reader:
             raise NetmorphError(f"the checkpoint has no {name}: it is incomplete or not a {spec.model_type} model")
+    if not tied and spec.lm_head not in reader:
+        raise NetmorphError(f"the checkpoint has no {spec.lm_head} but config.json says the embeddings are not tied: "
+                            "it is incomplete")
     dtype = options.output_dtype or reader.describe(spec.embed).dtype
     if t.hidden == s.hidden:
         for name in handled:
@@ -400,9 +403,6 @@ def grow_globals(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, gen
         if bias is not None:
             writer.add(bias_name, bias.to(dtype))
         if not tied:
-            if spec.lm_head not in reader:
-                raise NetmorphError(f"the checkpoint has no {spec.lm_head} but config.json says the embeddings are "
-                                    "not tied: it is incomplete")
             writer.add(spec.lm_head, ops.grow_lm_head(reader.get(spec.lm_head), t.hidden, generator,
                                                       options.init_std).to(dtype))
     for name in reader.keys():

@@ -264,11 +264,18 @@ def _evaluation_source(name: str, trust_remote_code: bool) -> Source:
     return resolve_source(name, trust_remote_code=trust_remote_code)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def _check_same_vocab(tokenizer, other: Source, first: str, second: str) -> None:
-    try:
-        other_tokenizer = other.load_tokenizer()
-    except (ValueError, OSError):
-        return  # no tokenizer of its own: it is evaluated on the first model's tokens
+    """Raise NetmorphError when `other` has a tokenizer of its own that tokenizes differently from `tokenizer`; a
+    model directory without tokenizer files is evaluated on the first model's tokens. A tokenizer that is there but
+    cannot be loaded raises Source.load_tokenizer's NetmorphError."""
+    directory = Path(other.path)
+    if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
+        return
+    other_tokenizer = other.load_tokenizer()
     probe = "The quick brown fox: 12345, naïve café."
     if len(other_tokenizer) != len(tokenizer) or other_tokenizer(probe).input_ids != tokenizer(probe).input_ids:
         raise NetmorphError(f"{first} and {second} tokenize text differently: losses are only comparable with the same tokenizer")

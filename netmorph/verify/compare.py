@@ -30,13 +30,13 @@ class TextComparison:
 
     @property
     def perplexity_original(self) -> float:
-        """exp(loss_original) (OverflowError above a loss of about 709 nats)."""
-        return math.exp(self.loss_original)
+        """exp(loss_original); a loss above 700 nats counts as 700 (exp would overflow a float64 past ~709)."""
+        return math.exp(min(self.loss_original, 700.0))
 
     @property
     def perplexity_converted(self) -> float:
-        """exp(loss_converted) (OverflowError above a loss of about 709 nats)."""
-        return math.exp(self.loss_converted)
+        """exp(loss_converted); a loss above 700 nats counts as 700 (exp would overflow a float64 past ~709)."""
+        return math.exp(min(self.loss_converted, 700.0))
 
 
 @dataclass

@@ -115,7 +115,7 @@ class LayerwiseReport:
     def table(self) -> str:
         """The report as the text table the CLI prints and the model card embeds."""
         lines = [
-            f"layer-wise   attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} (fp32)",
+            f"layer-wise   attention: {self.attn_implementation}   tolerance: max |Δlogit| ≤ {self.tolerance:g} ({self.dtype})",
             f"{'layer':<16}{'max|Δ| same input':>19}{'max|Δ| own path':>17}",
         ]
         lines += [f"{c.layer:<16}{c.same_input_max_abs_diff:>19.3e}{c.own_path_max_abs_diff:>17.3e}" for c in self.layers]
