@@ -298,7 +298,7 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
         peaks[layers] = int(run.stdout.split()[-1]) * 1024  # VmHWM in kB: this process's own peak RSS
     growth = peaks[32] - peaks[8]
     # 252 MB more weights; the bound leaves room for a slow disk under a busy machine, which lets more written-but-
-    # not-yet-flushed tensors queue in the writer (measured 51 MiB once under load 6, 10–40 MiB when quiet)
+    # not-yet-flushed tensors queue in the writer (51 MiB measured once under load 6; under 48 MiB in quieter runs)
     assert growth < 64 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"
 
 
@@ -395,5 +395,5 @@ def test_grow_peak_memory_does_not_grow_with_model_size(tmp_path):
         assert len(list((tmp_path / f"out{layers}").glob("*.safetensors"))) > 1  # sharded, with an index
     growth = peaks[32] - peaks[8]
     # 252 MB more weights; the bound leaves room for a slow disk under a busy machine, which lets more written-but-
-    # not-yet-flushed tensors queue in the writer (measured 51 MiB once under load 6, 10–40 MiB when quiet)
+    # not-yet-flushed tensors queue in the writer (51 MiB measured once under load 6; under 48 MiB in quieter runs)
     assert growth < 64 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} → {peaks[32] / 2**20:.0f} MiB"
