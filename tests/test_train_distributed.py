@@ -1,0 +1,210 @@
+"""`netmorph train` on two processes (gloo, CPU), against the same run on one process with the same global batch.
+
+One process: micro-batch 1 × 4 accumulation steps. Two processes: micro-batch 1 × 2 accumulation steps on each, so
+every optimizer step sees the same 4 blocks (accelerate gives rank r every other micro-batch of the same seeded
+order). Gradient checkpointing is on in every run. Launched with `accelerate launch --multi_gpu --num_processes 2`:
+accelerate 1.15's `--cpu --num_processes 2` starts ONE process (its simple launcher; only an MPI hostfile gives it
+several), while `--multi_gpu` takes torchrun, and the Trainer's `use_cpu` then makes the processes MULTI_CPU (gloo).
+FSDP2 runs through tests/cpu_fsdp_launch.py (see there: accelerate enables FSDP only for GPU-type processes).
+
+Measured on this machine (fp32, torch 2.13, accelerate 1.15, transformers 5.24): max |Δweight| 2 processes vs 1 is
+3.8e-7 (DDP) and 3.7e-7 (FSDP2) after 4 steps at lr 1e-3; a resumed FSDP2 run equals the uninterrupted one bit for
+bit. The tests allow 1e-6 (fp32 summation order of the gradient all-reduce / reduce-scatter).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from netmorph.cli import main
+from tests.helpers import convert, save_char_tokenizer, save_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 4
+WEIGHT_TOLERANCE = 1e-6  # fp32, after 4 steps at lr 1e-3 (measured ≤ 3.8e-7)
+TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+
+
+@pytest.fixture(scope="module")
+def models(module_tmp_path):
+    """A tiny Llama with a character tokenizer, converted to V1 doubled heads (mix 0, warm-up pending) and V2."""
+    save_tiny_model(module_tmp_path / "tiny", "llama")
+    save_char_tokenizer(module_tmp_path / "tiny")
+    convert(module_tmp_path / "tiny", module_tmp_path / "v1")
+    convert(module_tmp_path / "tiny", module_tmp_path / "v2", variant="v2")
+    return module_tmp_path
+
+
+def write_config(root: Path, name: str, base: str, accumulation: int, **changes) -> Path:
+    """The converter's own config.yml, cut to 4 optimizer steps of 4 blocks each (micro-batch 1)."""
+    config = yaml.safe_load((root / "v1" / "config.yml").read_text())
+    config.pop("test_datasets", None)  # no evaluation: it would only cost time here
+    config.update(base_model=str(root / base), output_dir=str(root / name), sequence_len=32, micro_batch_size=1,
+                  gradient_accumulation_steps=accumulation, max_steps=4, save_steps=2, logging_steps=1,
+                  lr_scheduler="constant", learning_rate=1e-3, diff_attn_warmup_steps=WARMUP, diff_attn_log_every=2,
+                  diff_attn_num_monitor_layers=2, gradient_checkpointing=True, float32=True, seed=0,
+                  report_to="tensorboard", **changes)
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_one_process(config: Path) -> str:
+    result = CliRunner().invoke(main, ["train", str(config), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(*arguments, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the netmorph CLI on 2 CPU processes (gloo); FSDP2 through tests/cpu_fsdp_launch.py."""
+    program = [str(ROOT / "tests" / "cpu_fsdp_launch.py")] if fsdp else ["-m", "netmorph.cli"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *program, *map(str, arguments)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return run
+
+
+def log_history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def assert_same_weights(reference: Path, other: Path, tolerance: float = WEIGHT_TOLERANCE) -> None:
+    expected, actual = load_file(reference / "model.safetensors"), load_file(other / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=tolerance, msg=name)
+
+
+def assert_same_logs(reference: Path, other: Path) -> None:
+    """The same entries in the same order (loss, grad norm, learning rate, every diff_attn figure), each once."""
+    expected, actual = log_history(reference), log_history(other)
+    assert [sorted(set(e) - TIMING_KEYS) for e in actual] == [sorted(set(e) - TIMING_KEYS) for e in expected]
+    for want, got in zip(expected, actual):
+        for key in set(want) - TIMING_KEYS - {"train_loss"}:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
+
+
+def assert_logged_once(run_dir: Path, monitored: str) -> None:
+    """One trainer_state entry per step and one TensorBoard event per step and tag: the first process logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = log_history(run_dir)
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    assert [e["step"] for e in history if monitored in e] == [2, 4]
+    event_files = list(run_dir.glob("runs/*/events.out.tfevents.*"))
+    assert len(event_files) == 1, event_files  # one writer
+    accumulator = EventAccumulator(str(event_files[0].parent))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in accumulator.Scalars(f"train/{monitored}")] == [2, 4]
+
+
+@pytest.fixture(scope="module")
+def v1_reference(models):
+    """V1 on one process: 4 accumulation steps of 1 block."""
+    train_one_process(write_config(models, "v1-one", "v1", accumulation=4))
+    return models / "v1-one"
+
+
+@pytest.fixture(scope="module")
+def v1_fsdp(models):
+    """V1 under FSDP2 (full shard, sharded checkpoints) on 2 processes, 2 accumulation steps each."""
+    fsdp_config = {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT",
+                                                      "reshard_after_forward": True}}
+    config = write_config(models, "v1-fsdp", "v1", accumulation=2, **fsdp_config)
+    run = launch("train", config, "--no-progress", fsdp=True)
+    assert run.stdout.count("wrote ") == 1, run.stdout  # one report, from the first process
+    return config, models / "v1-fsdp"
+
+
+def test_ddp_on_two_processes_trains_like_one_process(models, v1_reference):
+    run = launch("train", write_config(models, "v1-ddp", "v1", accumulation=2), "--no-progress")
+    assert run.stdout.count("wrote ") == 1, run.stdout
+    ddp = models / "v1-ddp"
+    assert_same_weights(v1_reference, ddp)
+    assert_same_logs(v1_reference, ddp)
+    assert_logged_once(ddp, "diff_attn/mix")
+    mixes = {e["step"]: e["diff_attn/mix"] for e in log_history(ddp) if "diff_attn/mix" in e}
+    assert mixes == {2: 0.5, 4: 1.0}  # the warm-up advanced once per optimizer step, not per micro-batch or rank
+    assert load_file(ddp / "checkpoint-2" / "model.safetensors")["model.layers.0.self_attn.mix"].item() == 0.5
+
+
+def test_fsdp2_on_two_processes_trains_like_one_process(v1_reference, v1_fsdp):
+    _, fsdp = v1_fsdp
+    assert_same_weights(v1_reference, fsdp)  # the final model: gathered into one ordinary safetensors file
+    assert_same_logs(v1_reference, fsdp)  # λ figures of sharded parameters gathered on every rank, logged once
+    assert_logged_once(fsdp, "diff_attn/mix")
+    shards = fsdp / "checkpoint-2" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    assert not (fsdp / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_fsdp2_resumed_from_a_sharded_checkpoint_ends_equal(models, v1_fsdp):
+    """A run stopped after the sharded checkpoint-2 (its output folder holds only that checkpoint, as after a kill
+    during step 3) and resumed with --resume ends with the uninterrupted run's weights and mix history."""
+    config, fsdp = v1_fsdp
+    resumed = models / "v1-fsdp-resumed"
+    resumed.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    launch("train", config, "--output-dir", resumed, "--resume", "--no-progress", fsdp=True)
+    assert_same_weights(fsdp, resumed)
+    mixes = {e["step"]: e["diff_attn/mix"] for e in log_history(resumed) if "diff_attn/mix" in e}
+    assert mixes == {2: 0.5, 4: 1.0}
+
+
+def test_a_sharded_checkpoint_consolidates_into_a_loadable_checkpoint(models, v1_reference, v1_fsdp):
+    """`netmorph consolidate` merges checkpoint-N's DCP shards: checkpoint-2 holds the mid-warm-up mix, checkpoint-4
+    equals the final model; `netmorph verify` accepts it against the one-process run, and stock transformers loads
+    it with trust_remote_code=True without netmorph."""
+    config, fsdp = v1_fsdp
+    for step in (2, 4):
+        result = CliRunner().invoke(main, ["consolidate", str(config), str(fsdp / f"checkpoint-{step}"), "-o",
+                                           str(models / f"merged-{step}")], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    middle = load_file(models / "merged-2" / "model.safetensors")
+    assert {middle[f"model.layers.{i}.self_attn.mix"].item() for i in (0, 1)} == {0.5}
+    assert_same_weights(fsdp, models / "merged-4", tolerance=0)
+    result = CliRunner().invoke(main, ["verify", str(v1_reference), str(models / "merged-4"), "--max-tokens", 64,
+                                       "--new-tokens", 4], catch_exceptions=False)
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
+    script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)\n"
+              "assert not any(n == 'netmorph' or n.startswith('netmorph.') for n in sys.modules)\n"
+              "print('MIX', float(m.model.layers[0].self_attn.mix))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and Path(p).resolve() != ROOT),
+           "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", script, str(models / "merged-2")], capture_output=True, text=True,
+                         env=env, cwd=models, timeout=300)
+    assert run.returncode == 0 and "MIX 0.5" in run.stdout, run.stderr[-3000:]
+
+
+def test_diff_v2_under_fsdp2_trains_like_one_process(models):
+    """DIFF V2 (lambda_proj sharded like every other Linear; no mix) under FSDP2 equals one process."""
+    train_one_process(write_config(models, "v2-one", "v2", accumulation=4))
+    config = write_config(models, "v2-fsdp", "v2", accumulation=2, fsdp_version=2,
+                          fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
+    launch("train", config, "--no-progress", fsdp=True)
+    assert_same_weights(models / "v2-one", models / "v2-fsdp")
+    assert_same_logs(models / "v2-one", models / "v2-fsdp")
+    assert_logged_once(models / "v2-fsdp", "diff_attn/lambda_proj_norm_mean")
+    assert load_file(models / "v2-fsdp" / "model.safetensors")["model.layers.0.self_attn.lambda_proj.weight"].abs().max() > 0
