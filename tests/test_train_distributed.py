@@ -59,10 +59,18 @@ def write_config(root: Path, name: str, base: str, accumulation: int, **changes)
     return path
 
 
+def cpu_environment() -> dict:
+    """The processes' environment: this checkout's netmorph, one thread each, and no GPU even on a machine with one
+    (two processes on one GPU would fail in NCCL; the references must run on the same device as the runs)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path), "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def train_one_process(config: Path) -> str:
-    result = CliRunner().invoke(main, ["train", str(config), "--no-progress"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
+    run = subprocess.run([sys.executable, "-m", "netmorph.cli", "train", str(config), "--no-progress"],
+                         capture_output=True, text=True, env=cpu_environment(), timeout=300, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return run.stdout
 
 
 def free_port() -> int:
@@ -71,16 +79,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(*arguments, fsdp: bool = False) -> subprocess.CompletedProcess:
-    """`accelerate launch` of the netmorph CLI on 2 CPU processes (gloo); FSDP2 through tests/cpu_fsdp_launch.py."""
+def launch(*arguments, fsdp: bool = False, config_file: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the netmorph CLI on 2 CPU processes (gloo); FSDP2 through tests/cpu_fsdp_launch.py.
+    With `config_file`, an accelerate config of examples/distributed with its process count cut to 2."""
     program = [str(ROOT / "tests" / "cpu_fsdp_launch.py")] if fsdp else ["-m", "netmorph.cli"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    where = (["--config_file", str(config_file)] if config_file else
+             ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    command = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes", "2",
                "--main_process_port", str(free_port()), *program, *map(str, arguments)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    run = subprocess.run(command, capture_output=True, text=True, env=cpu_environment(), timeout=300, cwd=ROOT)
+    assert run.returncode == 0 or not check, (run.stdout + run.stderr)[-4000:]
     return run
 
 
@@ -138,7 +146,8 @@ def v1_fsdp(models):
 
 
 def test_ddp_on_two_processes_trains_like_one_process(models, v1_reference):
-    run = launch("train", write_config(models, "v1-ddp", "v1", accumulation=2), "--no-progress")
+    run = launch("train", write_config(models, "v1-ddp", "v1", accumulation=2), "--no-progress",
+                 config_file=ROOT / "examples" / "distributed" / "one_node_8gpu.yaml")
     assert run.stdout.count("wrote ") == 1, run.stdout
     ddp = models / "v1-ddp"
     assert_same_weights(v1_reference, ddp)
@@ -208,3 +217,85 @@ def test_diff_v2_under_fsdp2_trains_like_one_process(models):
     assert_same_logs(models / "v2-one", models / "v2-fsdp")
     assert_logged_once(models / "v2-fsdp", "diff_attn/lambda_proj_norm_mean")
     assert load_file(models / "v2-fsdp" / "model.safetensors")["model.layers.0.self_attn.lambda_proj.weight"].abs().max() > 0
+
+
+# ---- The strategy keys of the training YAML (axolotl's names), without launching processes ----
+
+def yaml_settings(**keys):
+    from netmorph.options import TrainingYaml
+
+    return TrainingYaml.from_yaml({"base_model": "unused", **keys}, "config.yml")
+
+
+def test_fsdp_keys_in_axolotl_spellings_reach_accelerates_plugin_as_written():
+    """axolotl's fsdp_config (also with the older fsdp_ prefixes) → TrainingArguments → the FSDP plugin arguments
+    transformers builds from them (its own `_process_fsdp_args`)."""
+    from transformers import TrainingArguments
+
+    settings = yaml_settings(fsdp_version=2, fsdp_config={
+        "fsdp_offload_params": True, "fsdp_state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": False,
+        "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "activation_checkpointing": True})
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], fsdp=True,
+                             fsdp_config=settings.fsdp_settings.trainer_config())
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["cpu_offload"] is True and plugin["reshard_after_forward"] is False
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT" and plugin["activation_checkpointing"] is True
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    legacy = yaml_settings(fsdp=["shard_grad_op", "auto_wrap"]).fsdp_settings
+    assert legacy.reshard_after_forward is False and legacy.state_dict_type == "SHARDED_STATE_DICT"
+    assert yaml_settings().fsdp_settings is None
+
+
+def test_the_example_fsdp_keys_also_validate_in_axolotls_own_schema():
+    pytest.importorskip("axolotl", reason="axolotl is installed by `make test` (pip install --no-deps axolotl)")
+    from axolotl.utils.schemas.fsdp import FSDPConfig
+
+    keys = yaml.safe_load((ROOT / "examples" / "distributed" / "fsdp2.yml").read_text())
+    assert keys["fsdp_version"] == 2
+    theirs = FSDPConfig.model_validate(keys["fsdp_config"])
+    ours = yaml_settings(**keys).fsdp_settings
+    for name in keys["fsdp_config"]:
+        assert getattr(theirs, name) == getattr(ours, name), name
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"fsdp_version": 1, "fsdp_config": {}}, "FSDP2 only"),
+    ({"fsdp_config": {"version": 1}}, "FSDP2 only"),
+    ({"fsdp_config": {"mixed_precision_policy": "bf16"}}, "fsdp_config.mixed_precision_policy"),
+    ({"fsdp_config": {}, "deepspeed": "ds.json"}, "deepspeed and fsdp_config conflict"),
+    ({"fsdp": ["full_shard", "hybrid"]}, "unknown option 'hybrid'"),
+    ({"fsdp_config": {"auto_wrap_policy": "SIZE_BASED_WRAP"}}, "needs min_num_params"),
+])
+def test_bad_strategy_keys_are_refused_in_one_line(keys, message):
+    from netmorph.errors import NetmorphError
+
+    with pytest.raises(NetmorphError, match=message) as error:
+        yaml_settings(**keys)
+    assert "\n" not in str(error.value)
+
+
+def test_fsdp_in_one_process_and_deepspeed_without_the_package_are_refused_in_one_line(models):
+    """Before any model is loaded: FSDP needs a multi-process launch; DeepSpeed needs its package (not installed
+    here: it builds CUDA kernels)."""
+    import importlib.util
+
+    fsdp = write_config(models, "fsdp-one-process", "v1", accumulation=1, fsdp_version=2, fsdp_config={})
+    result = CliRunner().invoke(main, ["train", str(fsdp)])
+    assert result.exit_code == 2 and "this is one process: launch with `accelerate launch" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    if importlib.util.find_spec("deepspeed") is None:
+        (models / "ds.json").write_text("{}")
+        deepspeed = write_config(models, "deepspeed", "v1", accumulation=1, deepspeed="ds.json")
+        result = CliRunner().invoke(main, ["train", str(deepspeed)])
+        assert result.exit_code == 2 and "needs the deepspeed package" in result.output
+
+
+def test_fsdp_on_cpu_processes_is_refused_instead_of_silently_training_ddp(models):
+    """accelerate 1.15 drops the FSDP plugin for CPU processes (MULTI_CPU) and would train plain DDP: netmorph stops
+    with one line on each rank instead (the launcher adds its own traceback)."""
+    config = write_config(models, "fsdp-cpu", "v1", accumulation=2, fsdp_version=2, fsdp_config={})
+    run = launch("train", config, "--no-progress", check=False)
+    assert run.returncode != 0
+    assert run.stderr.count("enables its FSDP plugin only on GPU-type devices") == 2, run.stderr[-3000:]
+    assert not (models / "fsdp-cpu" / "model.safetensors").exists()
