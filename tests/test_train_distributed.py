@@ -8,8 +8,10 @@ several), while `--multi_gpu` takes torchrun, and the Trainer's `use_cpu` then m
 FSDP2 runs through tests/cpu_fsdp_launch.py (see there: accelerate enables FSDP only for GPU-type processes).
 
 Measured on this machine (fp32, torch 2.13, accelerate 1.15, transformers 5.24): max |Δweight| 2 processes vs 1 is
-3.8e-7 (DDP) and 3.7e-7 (FSDP2) after 4 steps at lr 1e-3; a resumed FSDP2 run equals the uninterrupted one bit for
-bit. The tests allow 1e-6 (fp32 summation order of the gradient all-reduce / reduce-scatter).
+3.8e-7 (DDP, V1), 3.7e-7 (FSDP2, V1) and 8.2e-7 (FSDP2, V2) after 4 AdamW steps at lr 1e-3; a resumed FSDP2 run
+equals the uninterrupted one bit for bit. The bound is 5e-6: the gradients differ only in fp32 summation order
+(all-reduce / reduce-scatter), but Adam divides by √v, which amplifies that rounding for entries with tiny
+gradients; training on half the batch per step moves the weights by 5.4e-3 from the reference here.
 """
 
 import json
@@ -31,7 +33,7 @@ from tests.helpers import convert, save_char_tokenizer, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 4
-WEIGHT_TOLERANCE = 1e-6  # fp32, after 4 steps at lr 1e-3 (measured ≤ 3.8e-7)
+WEIGHT_TOLERANCE = 5e-6  # fp32, after 4 AdamW steps at lr 1e-3 (measured ≤ 8.2e-7)
 TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
 
@@ -208,7 +210,7 @@ def test_a_sharded_checkpoint_consolidates_into_a_loadable_checkpoint(models, v1
 
 
 def test_diff_v2_under_fsdp2_trains_like_one_process(models):
-    """DIFF V2 (lambda_proj sharded like every other Linear; no mix) under FSDP2 equals one process."""
+    """DIFF V2 (lambda_proj sharded like every other Linear; no mix) under FSDP2 equals one process (measured 8.2e-7)."""
     train_one_process(write_config(models, "v2-one", "v2", accumulation=4))
     config = write_config(models, "v2-fsdp", "v2", accumulation=2, fsdp_version=2,
                           fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
