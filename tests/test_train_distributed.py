@@ -31,6 +31,10 @@ from safetensors.torch import load_file
 from netmorph.cli import main
 from tests.helpers import convert, save_char_tokenizer, save_tiny_model
 
+# One xdist worker runs the whole module: its runs are shared fixtures (built once), and each run already takes both
+# cores of this machine.
+pytestmark = pytest.mark.xdist_group("train_distributed")
+
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 4
 WEIGHT_TOLERANCE = 5e-6  # fp32, after 4 AdamW steps at lr 1e-3 (measured ≤ 8.2e-7)
