@@ -6,6 +6,8 @@ order). Gradient checkpointing is on in every run. Launched with `accelerate lau
 accelerate 1.15's `--cpu --num_processes 2` starts ONE process (its simple launcher; only an MPI hostfile gives it
 several), while `--multi_gpu` takes torchrun, and the Trainer's `use_cpu` then makes the processes MULTI_CPU (gloo).
 FSDP2 runs through tests/cpu_fsdp_launch.py (see there: accelerate enables FSDP only for GPU-type processes).
+On a machine with 2 or more GPUs, `NETMORPH_DISTRIBUTED_DEVICE=cuda pytest tests/test_train_distributed.py` runs the
+same comparisons on 2 GPUs (NCCL, accelerate's own FSDP switch, no launcher shim).
 
 Measured on this machine (fp32, torch 2.13, accelerate 1.15, transformers 5.24): max |Δweight| 2 processes vs 1 is
 3.8e-7 (DDP, V1), 3.7e-7 (FSDP2, V1) and 8.2e-7 (FSDP2, V2) after 4 AdamW steps at lr 1e-3; a resumed FSDP2 run
@@ -36,6 +38,7 @@ from tests.helpers import convert, save_char_tokenizer, save_tiny_model
 pytestmark = pytest.mark.xdist_group("train_distributed")
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICE = os.environ.get("NETMORPH_DISTRIBUTED_DEVICE", "cpu")  # "cuda": the same runs on 2 GPUs
 WARMUP = 4
 WEIGHT_TOLERANCE = 5e-6  # fp32, after 4 AdamW steps at lr 1e-3 (measured ≤ 8.2e-7)
 TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
@@ -68,8 +71,9 @@ def write_config(root: Path, name: str, base: str, accumulation: int, **changes)
 def cpu_environment() -> dict:
     """The processes' environment: this checkout's netmorph, one thread each, and no GPU even on a machine with one
     (two processes on one GPU would fail in NCCL; the references must run on the same device as the runs)."""
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if DEVICE == "cpu" else {}
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path), "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **hidden}
 
 
 def train_one_process(config: Path) -> str:
@@ -88,7 +92,7 @@ def free_port() -> int:
 def launch(*arguments, fsdp: bool = False, config_file: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` of the netmorph CLI on 2 CPU processes (gloo); FSDP2 through tests/cpu_fsdp_launch.py.
     With `config_file`, an accelerate config of examples/distributed with its process count cut to 2."""
-    program = [str(ROOT / "tests" / "cpu_fsdp_launch.py")] if fsdp else ["-m", "netmorph.cli"]
+    program = [str(ROOT / "tests" / "cpu_fsdp_launch.py")] if fsdp and DEVICE == "cpu" else ["-m", "netmorph.cli"]
     where = (["--config_file", str(config_file)] if config_file else
              ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     command = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes", "2",
@@ -196,6 +200,10 @@ def test_a_sharded_checkpoint_consolidates_into_a_loadable_checkpoint(models, v1
         result = CliRunner().invoke(main, ["consolidate", str(config), str(fsdp / f"checkpoint-{step}"), "-o",
                                            str(models / f"merged-{step}")], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+    unsharded = CliRunner().invoke(main, ["consolidate", str(config), str(v1_reference / "checkpoint-2"), "-o",
+                                          str(models / "merged-unsharded")])
+    assert unsharded.exit_code == 2 and "holds no sharded FSDP model" in unsharded.output
+    assert len(unsharded.output.strip().splitlines()) == 1 and not (models / "merged-unsharded").exists()
     middle = load_file(models / "merged-2" / "model.safetensors")
     assert {middle[f"model.layers.{i}.self_attn.mix"].item() for i in (0, 1)} == {0.5}
     assert_same_weights(fsdp, models / "merged-4", tolerance=0)
@@ -297,6 +305,7 @@ def test_fsdp_in_one_process_and_deepspeed_without_the_package_are_refused_in_on
         assert result.exit_code == 2 and "needs the deepspeed package" in result.output
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the refusal is for CPU processes; this run uses GPUs")
 def test_fsdp_on_cpu_processes_is_refused_instead_of_silently_training_ddp(models):
     """accelerate 1.15 drops the FSDP plugin for CPU processes (MULTI_CPU) and would train plain DDP: netmorph stops
     with one line on each rank instead (the launcher adds its own traceback)."""

@@ -1,7 +1,10 @@
 """`netmorph train` and `netmorph evaluate`: fine-tune and measure a model from an axolotl-style YAML.
 
-Training is the Hugging Face Trainer with netmorph's callbacks, so `accelerate launch -m netmorph.cli train …`
-runs it on several GPUs (DDP/FSDP/DeepSpeed configured through accelerate) with no extra code.
+Training is the Hugging Face Trainer with netmorph's callbacks, so `accelerate launch -m netmorph.cli train …` runs
+it on several processes: DDP, or FSDP2 / DeepSpeed chosen by the YAML's axolotl keys (`fsdp_config`, `deepspeed`;
+see `strategy_arguments`). What netmorph adds for several processes: the monitor gathers sharded λ parameters on
+every rank and logs once, only the first process writes and reports, and the final model is one ordinary
+safetensors checkpoint even under FSDP (`save_model`).
 """
 
 import importlib.util
@@ -251,6 +254,8 @@ def save_model(trainer, source: Source, out: Path, dtype: torch.dtype) -> None:
             model.save_pretrained(str(out), state_dict=state_dict)
             model.config.dtype = str(dtype).removeprefix("torch.")  # save_pretrained wrote the training dtype
             model.config.save_pretrained(str(out))
+    elif trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out))  # ZeRO-3 partitions the parameters: DeepSpeed gathers them in its 16-bit dtype
     else:
         model.to(dtype)
         trainer.save_model(str(out))
