@@ -30,7 +30,7 @@ demo: $(STAMP)
 # The whole suite on the locked versions, then the compatibility job: the `compat` tests against the oldest
 # transformers pyproject.toml accepts and the newest release on the registry, each in its own environment.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --timeout 900
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --timeout 900
 	$(BIN)/python -m tests.compat
 
 compat: $(STAMP)

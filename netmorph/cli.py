@@ -160,16 +160,33 @@ def train_command(config, max_steps, output_dir, resume, no_progress):
     gradient_accumulation_steps, max_steps / num_epochs, learning_rate, output_dir, report_to, save_steps and the
     diff_attn_* keys: diff_attn_warmup_steps (mix 0 → 1; unset: 1), diff_attn_log_every (unset: no metrics),
     diff_attn_num_monitor_layers. Runs on the Hugging Face Trainer: `accelerate launch -m netmorph.cli train CONFIG`
-    trains on several GPUs.
+    trains on several processes (DDP; FSDP2 with the YAML's fsdp_config, DeepSpeed with its deepspeed key).
     """
     _setup_logging(False)
     from netmorph.train.run import train
 
     result = train(config, max_steps=max_steps, output_dir=output_dir, resume=resume, progress=not no_progress)
+    if not result.main_process:
+        return  # one report for a multi-process run
     eval_part = f", eval loss {result.eval_loss:.5f}" if result.eval_loss is not None else ""
     mix_part = f", mix {result.final_mix:g}" if result.final_mix is not None else ""
     click.echo(f"wrote {result.output_dir}: {result.global_step} steps, train loss {result.train_loss:.5f}"
                f"{eval_part}{mix_part}")
+
+
+@main.command("consolidate")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--output-dir", "-o", required=True, type=click.Path(path_type=Path), help="Where to write the checkpoint.")
+def consolidate_command(config, checkpoint, output_dir):
+    """Merge the sharded FSDP model of CHECKPOINT (a checkpoint-N folder of `netmorph train CONFIG` run with
+    fsdp_config.state_dict_type SHARDED_STATE_DICT) into a normal safetensors checkpoint with config, tokenizer and
+    modeling code (loadable with trust_remote_code=True; `netmorph verify` compares it with another model).
+    """
+    _setup_logging(False)
+    from netmorph.train.consolidate import consolidate
+
+    click.echo(f"wrote {consolidate(config, checkpoint, output_dir)}")
 
 
 @main.command("evaluate")

@@ -225,6 +225,59 @@ class DatasetEntry(BaseModel):
     field: str = "text"
 
 
+FSDP_SHARDING = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+
+
+class FsdpConfig(BaseModel):
+    """`fsdp_config:` of a training YAML, with axolotl's key names (axolotl/utils/schemas/fsdp.py; a `fsdp_` prefix
+    is accepted as in older axolotl configs). netmorph passes them to the Hugging Face Trainer, which builds
+    accelerate's FullyShardedDataParallelPlugin from them (FSDP2, `torch.distributed.fsdp.fully_shard`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fsdp_version: int = Field(2, description="2: FSDP2 (fully_shard), the only version netmorph trains with.")
+    reshard_after_forward: bool = Field(True, description="true: full shard (ZeRO-3-like); false: keep parameters gathered between forward and backward (ZeRO-2-like).")
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = Field("SHARDED_STATE_DICT", description="Format of the checkpoint-N folders: one file per rank (sharded, torch.distributed.checkpoint) or one gathered file. The final model in output_dir is always a consolidated safetensors checkpoint.")
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field("TRANSFORMER_BASED_WRAP", description="Which modules become FSDP units (default: each decoder layer, from the model's _no_split_modules).")
+    transformer_layer_cls_to_wrap: str | None = Field(None, description="Decoder layer class name(s) to wrap, comma-separated (default: the model's _no_split_modules).")
+    min_num_params: int | None = Field(None, ge=1, description="SIZE_BASED_WRAP: the smallest module that becomes an FSDP unit.")
+    offload_params: bool = Field(False, description="Offload parameters and gradients to CPU memory.")
+    activation_checkpointing: bool = Field(False, description="FSDP's own activation checkpointing of each wrapped layer (prefer it to gradient_checkpointing under FSDP).")
+    cpu_ram_efficient_loading: bool = Field(False, description="Load the weights on rank 0 only and broadcast them.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axolotl_spellings(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = {(str(k)[5:] if str(k).startswith("fsdp_") and str(k) != "fsdp_version" else k): v for k, v in data.items()}
+        if "version" in data:
+            data["fsdp_version"] = data.pop("version")
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.fsdp_version != 2:
+            raise ValueError(f"fsdp_version {self.fsdp_version}: netmorph trains with FSDP2 only (transformers "
+                             "deprecated FSDP1): set fsdp_version: 2")
+        if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params is None:
+            raise ValueError("auto_wrap_policy SIZE_BASED_WRAP needs min_num_params")
+        return self
+
+    def trainer_config(self) -> dict:
+        """The `TrainingArguments.fsdp_config` dict (transformers' key names, training_args.py
+        `_process_fsdp_args`)."""
+        config = {"version": self.fsdp_version, "reshard_after_forward": self.reshard_after_forward,
+                  "state_dict_type": self.state_dict_type, "auto_wrap_policy": self.auto_wrap_policy,
+                  "cpu_offload": self.offload_params, "activation_checkpointing": self.activation_checkpointing,
+                  "cpu_ram_efficient_loading": self.cpu_ram_efficient_loading}
+        if self.transformer_layer_cls_to_wrap:
+            config["transformer_layer_cls_to_wrap"] = [n.strip() for n in self.transformer_layer_cls_to_wrap.split(",")]
+        if self.min_num_params:
+            config["min_num_params"] = self.min_num_params
+        return config
+
+
 class TrainingYaml(DiffAttnArgs):
     """The keys netmorph reads from an axolotl-style YAML; every other key is kept as it is (axolotl has hundreds)."""
 
@@ -263,6 +316,43 @@ class TrainingYaml(DiffAttnArgs):
     resume_from_checkpoint: str | None = None
     auto_resume_from_checkpoints: bool = False
     trust_remote_code: bool = False
+    # Distributed training, with axolotl's keys. The processes themselves come from the launcher
+    # (`accelerate launch`, torchrun); these keys choose how the model is spread over them.
+    fsdp_config: FsdpConfig | None = None
+    fsdp_version: int | None = None
+    fsdp: list[str] | str | bool | None = None
+    deepspeed: str | dict | None = None
+
+    @model_validator(mode="after")
+    def _one_strategy(self):
+        if self.deepspeed and (self.fsdp or self.fsdp_config):
+            raise ValueError("deepspeed and fsdp_config conflict: choose one distributed strategy")
+        if self.fsdp and not self.fsdp_config:
+            sharding = [self.fsdp] if isinstance(self.fsdp, str) else self.fsdp if isinstance(self.fsdp, list) else []
+            unknown = [s for part in sharding for s in str(part).split() if s not in FSDP_SHARDING]
+            if unknown:
+                raise ValueError(f"fsdp: unknown option {unknown[0]!r}; known: {', '.join(FSDP_SHARDING)} "
+                                 "(or use fsdp_config)")
+        version = self.fsdp_version
+        if version is not None and self.fsdp_config is not None and "fsdp_version" in self.fsdp_config.model_fields_set:
+            if version != self.fsdp_config.fsdp_version:
+                raise ValueError(f"fsdp_version {version} and fsdp_config.fsdp_version {self.fsdp_config.fsdp_version} conflict")
+        if version is not None and version != 2:
+            raise ValueError(f"fsdp_version {version}: netmorph trains with FSDP2 only (transformers deprecated "
+                             "FSDP1): set fsdp_version: 2")
+        return self
+
+    @property
+    def fsdp_settings(self) -> FsdpConfig | None:
+        """The FSDP configuration the YAML asks for (`fsdp_config:`, or axolotl's legacy `fsdp: [full_shard,
+        auto_wrap, offload]` list), None without FSDP."""
+        if self.fsdp_config is not None:
+            return self.fsdp_config
+        if not self.fsdp:
+            return None
+        words = {w for part in ([self.fsdp] if isinstance(self.fsdp, str) else self.fsdp if isinstance(self.fsdp, list) else [])
+                 for w in str(part).split()}
+        return FsdpConfig(reshard_after_forward="shard_grad_op" not in words, offload_params="offload" in words)
 
     @model_validator(mode="after")
     def _no_unknown_netmorph_keys(self):

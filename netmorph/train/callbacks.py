@@ -85,13 +85,22 @@ def attention_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torc
     return kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings")
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter that FSDP2 (`fully_shard`) holds as a sharded DTensor between steps, gathered
+    from every rank (a collective: every rank must call it); any other tensor as it is."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
 def lambda_metrics(module) -> dict[str, float]:
     """λ figures of one layer: vector norms, λ1, λ2, λ_init, λ_full (without the mix, as the paper defines it).
-    DIFF V2: the norm of lambda_proj (its per-token λ comes from the captured forward pass)."""
+    DIFF V2: the norm of lambda_proj (its per-token λ comes from the captured forward pass). Under FSDP2 the
+    parameters are gathered first, so every rank must call it for the same layers in the same order."""
     if is_v2(module):
-        return {"lambda_proj_norm": module.lambda_proj.weight.detach().float().norm().item()}
+        return {"lambda_proj_norm": full_tensor(module.lambda_proj.weight.detach()).float().norm().item()}
     with torch.no_grad():
-        vectors = {name: getattr(module, name).float() for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+        vectors = {name: full_tensor(getattr(module, name).detach()).float()
+                   for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
         lambda_1 = torch.exp((vectors["lambda_q1"] * vectors["lambda_k1"]).sum()).item()
         lambda_2 = torch.exp((vectors["lambda_q2"] * vectors["lambda_k2"]).sum()).item()
         lambda_init = module.lambda_init.float().item()
@@ -165,9 +174,12 @@ class DiffAttnMonitorCallback(TrainerCallback):
         self._armed = set()
         if self.trainer is None:
             raise RuntimeError("DiffAttnMonitorCallback needs the trainer: set callback.trainer = trainer")
+        # Every rank computes the figures (under FSDP2 that gathers the sharded λ parameters, a collective), and
+        # only the first logs them: one entry per step in the log history and in every report_to backend.
+        figures = self.metrics(model)
         if state.is_world_process_zero:
             should_log = control.should_log  # trainer.log resets it: keep the Trainer's own loss logging this step
-            self.trainer.log(self.metrics(model))
+            self.trainer.log(figures)
             control.should_log = should_log
         self._branch = {}
         return control

@@ -1,14 +1,20 @@
 """`netmorph train` and `netmorph evaluate`: fine-tune and measure a model from an axolotl-style YAML.
 
-Training is the Hugging Face Trainer with netmorph's callbacks, so `accelerate launch -m netmorph.cli train …`
-runs it on several GPUs (DDP/FSDP/DeepSpeed configured through accelerate) with no extra code.
+Training is the Hugging Face Trainer with netmorph's callbacks, so `accelerate launch -m netmorph.cli train …` runs
+it on several processes: DDP, or FSDP2 / DeepSpeed chosen by the YAML's axolotl keys (`fsdp_config`, `deepspeed`;
+see `strategy_arguments`). What netmorph adds for several processes: the monitor gathers sharded λ parameters on
+every rank and logs once, only the first process writes and reports, and the final model is one ordinary
+safetensors checkpoint even under FSDP (`save_model`).
 """
 
+import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
+from importlib.metadata import version as _version
 from pathlib import Path
 
 import torch
@@ -55,6 +61,7 @@ class TrainResult:
     train_loss: float
     eval_loss: float | None
     final_mix: float | None
+    main_process: bool = True  # False on every other rank of a multi-process run (only the first one reports)
 
 
 def train(config_path: str | Path, max_steps: int | None = None, output_dir: str | None = None,
@@ -125,6 +132,7 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         **_checkpointing_argument(TrainingArguments, settings.gradient_checkpointing),
+        **strategy_arguments(settings, config_path, config_dir),
     )
     callbacks = []
     monitor = None
@@ -137,6 +145,10 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         model=model, args=args, train_dataset=BlockDataset(blocks),
         eval_dataset=None if eval_blocks is None else BlockDataset(eval_blocks), callbacks=callbacks,
     )
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        raise NetmorphError(f"{config_path}: fsdp_config asks for FSDP, but accelerate {_version('accelerate')} "
+                            "enables its FSDP plugin only on GPU-type devices and these are CPU processes (they would "
+                            "train as plain DDP): run on GPUs, or drop fsdp_config")
     if monitor is not None:
         monitor.trainer = trainer
 
@@ -147,12 +159,13 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         checkpoint = None  # nothing to resume yet: start fresh
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_blocks is not None else None
-    model.to(precision.save_dtype)
-    log.info("saving the model in %s (%s)", str(precision.save_dtype).removeprefix("torch."), precision.save_reason)
-    save_model(trainer, source, out)
+    if trainer.is_world_process_zero():
+        log.info("saving the model in %s (%s)", str(precision.save_dtype).removeprefix("torch."), precision.save_reason)
+    save_model(trainer, source, out, precision.save_dtype)
     modules = diff_attention_modules(model)
     return TrainResult(str(out), trainer.state.global_step, result.training_loss, eval_loss,
-                       modules[0].mix.item() if modules and hasattr(modules[0], "mix") else None)
+                       modules[0].mix.item() if modules and hasattr(modules[0], "mix") else None,
+                       trainer.is_world_process_zero())
 
 
 @dataclass
@@ -194,6 +207,35 @@ def training_precision(settings, source: Source, config_path) -> Precision:
                      bf16, settings.fp16)
 
 
+def strategy_arguments(settings: TrainingYaml, config_path, config_dir: Path) -> dict:
+    """The TrainingArguments that select the distributed strategy from the YAML's axolotl keys (`fsdp_config` /
+    `fsdp_version` / legacy `fsdp`, or `deepspeed`); {} for plain data parallelism (DDP under a multi-process
+    launcher, one process otherwise). Raises NetmorphError for a strategy this launch cannot run."""
+    fsdp = settings.fsdp_settings
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp is not None:
+        if processes < 2:
+            raise NetmorphError(f"{config_path}: fsdp_config shards the model over several processes, and this is one "
+                                "process: launch with `accelerate launch --num_processes N -m netmorph.cli train "
+                                f"{config_path}` (N ≥ 2) or drop fsdp_config")
+        return {"fsdp": True, "fsdp_config": fsdp.trainer_config()}
+    if settings.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise NetmorphError(f"{config_path}: deepspeed needs the deepspeed package: pip install deepspeed "
+                                "(it builds CUDA kernels: a GPU machine), or drop the deepspeed key")
+        config = settings.deepspeed
+        if isinstance(config, str):
+            path = Path(config).expanduser()
+            if not path.is_absolute() and not path.exists():
+                path = config_dir / path
+            if not path.is_file():
+                raise NetmorphError(f"{config_path}: deepspeed config {config} does not exist: point deepspeed at a "
+                                    "DeepSpeed JSON file (examples/distributed/deepspeed_zero3.json)")
+            config = str(path)
+        return {"deepspeed": config}
+    return {}
+
+
 def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
     """Activation checkpointing under its current name (`gradient_checkpointing` is deprecated in transformers 5.x)."""
     if not enabled:
@@ -202,16 +244,46 @@ def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
-def save_model(trainer, source: Source, out: Path) -> None:
-    """The final model, tokenizer and (for differential attention) its modeling code, loadable with
-    `trust_remote_code=True` by stock transformers."""
-    trainer.save_model(str(out))
-    trainer.save_state()  # trainer_state.json: the log history `netmorph plot training` reads
-    source.save_tokenizer(out)
-    if source.kind == "hf":
-        for name in MODELING_FILES:
-            if (source.path / name).exists():
-                shutil.copy2(source.path / name, out / name)
+def save_model(trainer, source: Source, out: Path, dtype: torch.dtype) -> None:
+    """The final model in `dtype` (floating-point tensors; buffers such as the mix included), tokenizer and (for
+    differential attention) its modeling code, loadable with `trust_remote_code=True` by stock transformers. Every
+    process of a multi-process run calls it; the first one writes. Under FSDP2 the sharded parameters are gathered
+    into the first process's CPU memory (accelerate's `get_state_dict`, a full state dict) and written as a normal
+    safetensors checkpoint, whatever `fsdp_config.state_dict_type` the intermediate checkpoints use."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank takes part
+        if trainer.is_world_process_zero():
+            aliases = _tied_aliases(model)
+            state_dict = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                          for name, tensor in state_dict.items() if name not in aliases}
+            model.save_pretrained(str(out), state_dict=state_dict)
+            model.config.dtype = str(dtype).removeprefix("torch.")  # save_pretrained wrote the training dtype
+            model.config.save_pretrained(str(out))
+    elif trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out))  # ZeRO-3 partitions the parameters: DeepSpeed gathers them in its 16-bit dtype
+    else:
+        model.to(dtype)
+        trainer.save_model(str(out))
+    trainer.save_state()  # trainer_state.json: the log history `netmorph plot training` reads (first process)
+    if trainer.is_world_process_zero():
+        source.save_tokenizer(out)
+        if source.kind == "hf":
+            for name in MODELING_FILES:
+                if (source.path / name).exists():
+                    shutil.copy2(source.path / name, out / name)
+    trainer.accelerator.wait_for_everyone()  # no process returns before the output directory is complete
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another name of an earlier parameter (tied embeddings: lm_head.weight). A
+    gathered state dict holds separate copies of them, which save_pretrained would write twice."""
+    seen, aliases = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases.add(name)
+        seen.add(id(parameter))
+    return aliases
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""`netmorph consolidate`: a sharded FSDP checkpoint of `netmorph train` → a normal Hugging Face checkpoint.
+
+Under FSDP with `fsdp_config.state_dict_type: SHARDED_STATE_DICT` every `checkpoint-N` folder holds the model as
+torch.distributed.checkpoint (DCP) shards, one file per rank (`pytorch_model_fsdp_0/`), for `--resume`. This
+merges them (accelerate's `merge_fsdp_weights`, run in one process) and adds what a loadable checkpoint needs: the
+base model's config.json, tokenizer, generation config and, for differential attention, the modeling files. The
+mix buffer is a persistent buffer, so the merged weights hold the mix the checkpoint was trained with.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from netmorph.errors import NetmorphError
+from netmorph.surgery.diff import MODELING_FILES
+from netmorph.train.run import _tied_aliases, load_training_yaml, training_precision
+
+SHARDED_MODEL = "pytorch_model_fsdp_0"
+
+
+def consolidate(config_path: str | Path, checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Write `output_dir` (model.safetensors, config.json, tokenizer, modeling files) from the sharded model of
+    `checkpoint` (a checkpoint-N folder written under FSDP by `netmorph train CONFIG`), in the dtype `netmorph train`
+    saves its final model in. Raises NetmorphError when the folder holds no sharded model or its tensors do not
+    match the base model's architecture."""
+    from accelerate.utils import merge_fsdp_weights
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
+
+    checkpoint = Path(checkpoint).expanduser()
+    shards = checkpoint / SHARDED_MODEL
+    if not (shards / ".metadata").is_file():
+        raise NetmorphError(f"{checkpoint} holds no sharded FSDP model ({SHARDED_MODEL}/.metadata): pass a "
+                            "checkpoint-N folder of a run with fsdp_config.state_dict_type: SHARDED_STATE_DICT")
+    settings, source = load_training_yaml(config_path)
+    out = Path(output_dir).expanduser()
+    with tempfile.TemporaryDirectory() as merged:
+        merge_fsdp_weights(str(shards), merged)
+        weights = load_file(Path(merged) / "model.safetensors")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(source.config, trust_remote_code=settings.trust_remote_code)
+    aliases = _tied_aliases(model)
+    expected = set(model.state_dict()) - aliases
+    weights = {name: tensor for name, tensor in weights.items() if name not in aliases}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise NetmorphError(f"{checkpoint} does not hold {source.description}'s tensors (missing: "
+                            f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(extra[:3]) or 'none'}): "
+                            "pass the training YAML the run was started with")
+    dtype = training_precision(settings, source, config_path).save_dtype
+    weights = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous() for name, t in weights.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = source.config
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(out)
+    source.save_tokenizer(out)
+    source.save_generation_config(out)
+    if source.kind == "hf":
+        for name in MODELING_FILES:
+            if (source.path / name).exists():
+                shutil.copy2(source.path / name, out / name)
+    return out
