@@ -26,7 +26,7 @@ pytestmark = pytest.mark.compat
 
 NEW = 16
 LENGTHS = (7, 12)
-BACKEND = {"gemma2": "eager"}
+BACKEND = {"gemma2": "eager", "gpt_oss": "eager"}  # stock classes without an SDPA path
 WAYS = {"dynamic cache": {}, "static cache": {"cache_implementation": "static"}, "no cache": {"use_cache": False}}
 
 
@@ -83,7 +83,8 @@ def assert_generates_like(original_dir, new_dir, backend="sdpa"):
 # ── converted: every layout, the Llama class and the stock-family classes ──
 
 EXACT_LAYOUTS = {"doubled": {}, "v2": {"variant": "v2"}}
-FAMILIES = ["qwen3", "gemma2", "gpt2", "phi3", "falcon"]
+FAMILIES = ["qwen3", "gemma2", "gpt2", "phi3", "falcon", "mixtral", "qwen3_moe", "gpt_oss", "smollm3", "granite", "olmo3",
+            "ministral"]
 
 
 @pytest.mark.parametrize("layout", EXACT_LAYOUTS)

@@ -101,7 +101,10 @@ class ArchSpec:
         `use_sliding_window`).
     moe_tensors: regexes (under `layer_prefix`) of a mixture-of-experts block's tensors: router and experts, which
         every command passes through unchanged; `moe_writers` the ones among them that write the residual stream
-        (experts' down projections and their biases).
+        (experts' down projections and their biases). `experts_fused_on_load`: transformers stores the experts one
+        tensor per expert and fuses them into one tensor per layer when it loads the model (Mixtral, Qwen3-MoE), so
+        the module names differ from the stored ones (layer-wise verification, which loads modules from stored
+        names, refuses such models; full verification loads through transformers).
     embed_scale: the model multiplies embeddings by √hidden (Gemma family).
     tied: the default of `tie_word_embeddings` when config.json does not say.
     qkv_bias / o_bias / mlp_bias: True, False, or the config field that decides it.
@@ -131,6 +134,7 @@ class ArchSpec:
     sliding_flag: str | None = None
     moe_tensors: tuple[str, ...] = ()
     moe_writers: tuple[str, ...] = ()
+    experts_fused_on_load: bool = False
     embed_scale: bool = False
     layer_prefix: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
@@ -261,6 +265,9 @@ class ArchSpec:
         return head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
 
 
+FUSED_EXPERTS = ("transformers fuses its per-expert tensors into one tensor per layer when it loads the model, and "
+                 "layer-wise verification loads each module from the stored tensor names")
+
 HEAD_DIM_QK_NORM = "its q/k norms normalise over head_dim, so new head dims would change every existing score"
 OLMO_REFUSALS = (
     Refusal(("hidden_size",), "its q/k norms share rms_norm_eps with every norm, so zero-fill (eps × n/n′) cannot be "
@@ -345,6 +352,7 @@ FAMILIES: dict[str, ArchSpec] = {
              moe_tensors=(r"block_sparse_moe\.gate\.weight", r"block_sparse_moe\.experts\.\d+\.w[123]\.weight",
                           r"mlp\.gate\.weight", r"mlp\.experts\.(gate_up_proj|down_proj)"),
              moe_writers=(r"block_sparse_moe\.experts\.\d+\.w2\.weight", r"mlp\.experts\.down_proj"),
+             experts_fused_on_load=True,
              grow_refuses=(Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH),)),
         # Qwen3-MoE: Qwen3 attention (per-head q/k norms; sliding on every layer when use_sliding_window); MoE
         # layers hold mlp.gate (router) and mlp.experts.{e}.{gate,up,down}_proj; `mlp_only_layers` keep a dense MLP
@@ -353,6 +361,7 @@ FAMILIES: dict[str, ArchSpec] = {
              moe_tensors=(r"mlp\.gate\.weight", r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight",
                           r"mlp\.experts\.(gate_up_proj|down_proj)"),
              moe_writers=(r"mlp\.experts\.\d+\.down_proj\.weight", r"mlp\.experts\.down_proj"),
+             experts_fused_on_load=True,
              grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),
                            Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH))),
         # GPT-OSS: learned per-head sinks, alternating sliding/full layers, q/k/v/o biases, half-width rotary

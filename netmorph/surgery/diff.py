@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from netmorph.arch import ArchSpec, spec_for
+from netmorph.arch.families import FUSED_EXPERTS
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import TensorReader
 from netmorph.io.streaming import pass_through
@@ -354,6 +355,9 @@ class DiffSurgery(Surgery):
     @property
     def exact(self) -> bool:
         return self.options.exact
+
+    def layerwise_refusal(self) -> str | None:
+        return FUSED_EXPERTS if self.spec.experts_fused_on_load else None
 
     def stream(self, reader: TensorReader, writer) -> None:
         convert_tensors(reader, self.config, self.spec, self.recipe, writer, self.options.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.arch.families import GROW_DIMS
+from netmorph.arch.families import FUSED_EXPERTS, GROW_DIMS
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
 from netmorph.io.streaming import CastingWriter, pass_through
@@ -557,6 +557,8 @@ class GrowSurgery(Surgery):
             grow_tensors(MetaReader(reader), self.plan, self.tied, self._cast(recorder), planning)
 
     def layerwise_refusal(self) -> str | None:
+        if self.spec.experts_fused_on_load:
+            return FUSED_EXPERTS
         s, t = self.plan.source, self.plan.target
         if (s.layers, s.hidden) != (t.layers, t.hidden):
             return "it changes the depth or the hidden size, and layer-wise verification compares layer i with layer i"
