@@ -105,6 +105,8 @@ class ArchSpec:
         tensor per expert and fuses them into one tensor per layer when it loads the model (Mixtral, Qwen3-MoE), so
         the module names differ from the stored ones (layer-wise verification, which loads modules from stored
         names, refuses such models; full verification loads through transformers).
+    dense_mlp_layers: the config fields (`mlp_only_layers`, `decoder_sparse_step`) by which Qwen3-MoE gives some
+        layers a dense MLP: layer i is sparse iff i ∉ mlp_only_layers, num_experts > 0 and (i + 1) % step == 0.
     embed_scale: the model multiplies embeddings by √hidden (Gemma family).
     tied: the default of `tie_word_embeddings` when config.json does not say.
     qkv_bias / o_bias / mlp_bias: True, False, or the config field that decides it.
@@ -135,6 +137,7 @@ class ArchSpec:
     moe_tensors: tuple[str, ...] = ()
     moe_writers: tuple[str, ...] = ()
     experts_fused_on_load: bool = False
+    dense_mlp_layers: tuple[str, str] | None = None  # Qwen3-MoE: (list of dense layers, sparse step) config fields
     embed_scale: bool = False
     layer_prefix: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
@@ -256,6 +259,15 @@ class ArchSpec:
         flags = getattr(config, self.no_rope_field, None) if self.no_rope_field else None
         return [bool(flag) for flag in flags] if flags else [True] * config.num_hidden_layers
 
+    def dense_layers(self, config) -> list[int]:
+        """Layers whose MLP is dense in a model that mixes dense and MoE layers (Qwen3-MoE), else []."""
+        if not self.dense_mlp_layers:
+            return []
+        dense_field, step_field = self.dense_mlp_layers
+        dense, step = set(getattr(config, dense_field, None) or []), getattr(config, step_field, 1) or 1
+        experts = getattr(config, "num_experts", 0) or 0
+        return [i for i in range(config.num_hidden_layers) if i in dense or experts == 0 or (i + 1) % step]
+
     def attention_scaling(self, config, head_dim: int) -> float:
         """The factor on q·k (before any per-layer division)."""
         if self.attention_scale == "query_pre_attn_scalar":
@@ -361,7 +373,7 @@ FAMILIES: dict[str, ArchSpec] = {
              moe_tensors=(r"mlp\.gate\.weight", r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight",
                           r"mlp\.experts\.(gate_up_proj|down_proj)"),
              moe_writers=(r"mlp\.experts\.\d+\.down_proj\.weight", r"mlp\.experts\.down_proj"),
-             experts_fused_on_load=True,
+             experts_fused_on_load=True, dense_mlp_layers=("mlp_only_layers", "decoder_sparse_step"),
              grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),
                            Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH))),
         # GPT-OSS: learned per-head sinks, alternating sliding/full layers, q/k/v/o biases, half-width rotary
@@ -370,9 +382,7 @@ FAMILIES: dict[str, ArchSpec] = {
              sinks="sinks", rotary_halves=True, attention_backend="eager",
              moe_tensors=(r"mlp\.router\.(weight|bias)", r"mlp\.experts\.(gate_up_proj|down_proj)(_bias)?"),
              moe_writers=(r"mlp\.experts\.down_proj(_bias)?",),
-             grow_refuses=(Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH),
-                           Refusal(("head_dim",), "its half-width rotary (cos/sin over head_dim / 2 pairs) and "
-                                   "YaRN frequencies depend on head_dim"))),
+             grow_refuses=(Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH),)),
         # SmolLM3: Llama attention without RoPE on every no_rope_layer_interval-th layer (no_rope_layers[i] == 0)
         _rms("smollm3", qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias",
              free_head_dim=False, sliding="layer_types", sliding_flag="use_sliding_window",
