@@ -400,11 +400,11 @@ FAMILIES: dict[str, ArchSpec] = {
 }
 # Families netmorph refuses, with the reason (shown by every command).
 REFUSED: dict[str, str] = {
-    "deepseek_v3": "its multi-head latent attention (MLA) stores keys and values compressed (kv_a_proj_with_mqa → "
-    "kv_b_proj) with a decoupled RoPE key shared by all heads, so there is no per-head q/k pair to double into "
-    "differential components",
-    "qwen3_next": "three of every four layers are Gated-DeltaNet linear attention (no softmax to make differential) "
-    "and its full-attention layers gate their output with a sigmoid of a second query half",
+    "deepseek_v3": "its multi-head latent attention (MLA) keeps keys and values compressed (kv_a_proj_with_mqa → "
+    "kv_b_proj) with one decoupled RoPE key shared by all heads, which netmorph's per-head q/k/v surgeries do not model",
+    "qwen3_next": "three of every four layers are Gated-DeltaNet linear attention (no softmax attention to make "
+    "differential or to grow by heads), and its full-attention layers gate their output with a sigmoid of extra "
+    "query rows",
 }
 # Which families each command covers (the rest of the table is there for the other commands).
 COMMANDS: dict[str, tuple[str, ...]] = {
