@@ -191,6 +191,13 @@ def verify_layer_by_layer(surgery: Surgery, reader: TensorReader, plan: list[Ten
     return mode == "layerwise" or not whole_models_fit(reader, sum(tensor.numel for tensor in plan))
 
 
+def experts_runnable_in(model, dtype: torch.dtype) -> None:
+    """transformers' default mixture-of-experts kernel (`grouped_mm`, Mixtral, Qwen3-MoE, GPT-OSS) has no float64
+    path: for a float64 run the model's experts switch to their eager loop (the same sums, expert by expert)."""
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
+
+
 def verify(surgery: Surgery, directory: Path, layerwise: bool):
     """The source and the written model on real text (whole or layer by layer), and the written tokenizer."""
     source, options = surgery.source, surgery.options
@@ -209,6 +216,8 @@ def verify(surgery: Surgery, directory: Path, layerwise: bool):
         try:
             tolerance, basis = surgery.tolerance(original, tokenizer, texts, dtype)
             original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source comes back unchanged
+            for model in (original, output):
+                experts_runnable_in(model, dtype)
             report = compare_models(original, output, tokenizer, texts, DEFAULT_PROMPTS, tolerance=tolerance)
         finally:
             original.to(torch.float32)
