@@ -123,6 +123,22 @@ class Result:
         return getattr(self.surgery, "plan", None)
 
 
+def check_full_precision(source: Source) -> None:
+    """Refuse a safetensors checkpoint quantized by transformers (config `quantization_config`: GPT-OSS's MXFP4
+    experts, AWQ, GPTQ, bitsandbytes): its stored tensors are packed blocks and scales, not the weights the
+    surgeries rewrite (a GGUF source is dequantized on load and passes)."""
+    quantization = getattr(source.config, "quantization_config", None)
+    if quantization is None or source.kind == "gguf":
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                            "quant_method", None)
+    raise NetmorphError(
+        f"{source.path} is quantized (quantization_config quant_method {str(method)!r}): netmorph rewrites "
+        "full-precision weights; dequantize it first (load it with transformers' dequantize option and "
+        "save_pretrained) and run on that copy"
+    )
+
+
 def output_directory(output_dir: str | Path | None, source: Source) -> Path:
     """--output-dir, else the YAML source's `output_dir`; one-line error when neither is given."""
     if output_dir is None:
@@ -138,6 +154,7 @@ def run(surgery_class: type[Surgery], source_arg: str | Path | None, output_dir:
     source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
                             any_qkv_layout=surgery_class.reads_any_qkv_layout)
     output_dir = output_directory(output_dir, source)
+    check_full_precision(source)
     surgery = surgery_class(source, options)
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()

@@ -295,6 +295,21 @@ def refused_architecture(case):
     return [CONVERT, case.src, "-o", case.out]
 
 
+@row("quantized safetensors checkpoint (GPT-OSS with MXFP4 experts)",
+     "SRC is quantized (quantization_config quant_method 'mxfp4'): netmorph rewrites full-precision weights; dequantize "
+     "it first (load it with transformers' dequantize option and save_pretrained) and run on that copy")
+def quantized_checkpoint(case):
+    import json
+
+    from tests.family_models import save_family_model
+
+    case.src = save_family_model(case.tmp / "gpt_oss", "gpt_oss")
+    config = json.loads((case.src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}  # as the published gpt-oss checkpoints say
+    (case.src / "config.json").write_text(json.dumps(config))
+    return [CONVERT, case.src, "-o", case.out]
+
+
 @row("Falcon with ALiBi position biases",
      "this falcon model uses ALiBi position biases (config alibi=true), which convert-diff-transformer does not carry "
      "into differential attention: convert a RoPE model of the family")

@@ -222,7 +222,6 @@ def test_new_post_norm_layers_zero_the_post_norm_gain_not_the_writer(sources, tm
     ("olmo2", ["--num-layers", "3", "--num-key-value-heads", "4"]),
     # float64 verification of mixture-of-experts models (the experts' eager loop: grouped_mm has no float64 path)
     ("mixtral", ["--num-layers", "3", "--num-attention-heads", "8", "--num-key-value-heads", "4"]),
-    ("gpt_oss", ["--num-layers", "3", "--num-attention-heads", "8"]),
 ])
 def test_cli_verifies_new_families_on_real_text(smollm2_dir, tmp_path, family, args):
     """The command end to end with its own verification (both models on the default texts, greedy text, sdpa) for
