@@ -622,11 +622,8 @@ def _register_weight_conversions(family: str) -> None:
     differential model stores the source's tensors as they are, so it registers the stock family's conversions under
     its own model_type: loading (and save_pretrained, which reverses them) behaves as for the stock class, with the
     conversions of the transformers release installed."""
-    try:
-        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
-                                                     register_checkpoint_conversion_mapping)
-    except ImportError:
-        return
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
     mapping = get_checkpoint_conversion_mapping(family)
     if mapping:
         register_checkpoint_conversion_mapping(f"netmorph_diff_{family}", mapping, overwrite=True)
