@@ -254,7 +254,9 @@ def grow_command(source, output_dir, **values):
     the same function, verify it, and write a stock checkpoint (no remote code needed).
 
     SOURCE is a local Hugging Face model directory, a .gguf file, or an axolotl-style YAML config. Without SOURCE
-    the bundled SmolLM2-135M-Instruct is grown. Families: Llama, Mistral, Qwen2, Gemma, Phi-3, StableLM, GPT-NeoX.
+    the bundled SmolLM2-135M-Instruct is grown. Families: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, StableLM,
+    GPT-NeoX, GPT-2, Falcon, OLMo2/3, Mixtral, Qwen3-MoE, GPT-OSS, SmolLM3, Granite, Ministral (what each grows:
+    README, "grow").
 
     \b
     Examples:
@@ -279,7 +281,7 @@ def qkv_layout_command(source, output_dir, **values):
     the bundled SmolLM2-135M-Instruct is used. A layout change is a row permutation: nothing is rounded.
 
     \b
-    Layouts: separate   q_proj / k_proj / v_proj (Llama, Mistral, Qwen2/3, Gemma, StableLM, OLMo2)
+    Layouts: separate   q_proj / k_proj / v_proj (Llama, Mistral, Qwen2/3, Gemma, StableLM, OLMo2/3, Mixtral, ...)
              sequential [Q|K|V] (Phi-3 qkv_proj; GPT-2 c_attn, stored transposed)
              interleaved per head [q,k,v] (GPT-NeoX; only when KV heads = query heads)
              grouped    per KV group [q..q,k,v] (Falcon; multi_query is one group)

@@ -128,6 +128,22 @@ class Result:
         return getattr(self.surgery, "plan", None)
 
 
+def check_full_precision(source: Source) -> None:
+    """Refuse a safetensors checkpoint quantized by transformers (config `quantization_config`: GPT-OSS's MXFP4
+    experts, AWQ, GPTQ, bitsandbytes): its stored tensors are packed blocks and scales, not the weights the
+    surgeries rewrite (a GGUF source is dequantized on load and passes)."""
+    quantization = getattr(source.config, "quantization_config", None)
+    if quantization is None or source.kind == "gguf":
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                            "quant_method", None)
+    raise NetmorphError(
+        f"{source.path} is quantized (quantization_config quant_method {str(method)!r}): netmorph rewrites "
+        "full-precision weights; dequantize it first (load it with transformers' dequantize option and "
+        "save_pretrained) and run on that copy"
+    )
+
+
 def output_directory(output_dir: str | Path | None, source: Source) -> Path:
     """--output-dir, else the YAML source's `output_dir`; one-line error when neither is given."""
     if output_dir is None:
@@ -143,6 +159,7 @@ def run(surgery_class: type[Surgery], source_arg: str | Path | None, output_dir:
     source = resolve_source(source_arg, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
                             any_qkv_layout=surgery_class.reads_any_qkv_layout)
     output_dir = output_directory(output_dir, source)
+    check_full_precision(source)
     surgery = surgery_class(source, options)
     check_output_dir(output_dir, options.force, source.input_paths)
     reader = source.reader()
@@ -196,6 +213,13 @@ def verify_layer_by_layer(surgery: Surgery, reader: TensorReader, manifest: list
     return mode == "layerwise" or not whole_models_fit(reader, sum(tensor.numel for tensor in manifest))
 
 
+def experts_runnable_in(model, dtype: torch.dtype) -> None:
+    """transformers' default mixture-of-experts kernel (`grouped_mm`, Mixtral, Qwen3-MoE, GPT-OSS) has no float64
+    path: for a float64 run the model's experts switch to their eager loop (the same sums, expert by expert)."""
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
+
+
 def verify(surgery: Surgery, directory: Path, layerwise: bool):
     """The source and the written model on real text (whole or layer by layer), and the written tokenizer."""
     source, options = surgery.source, surgery.options
@@ -214,6 +238,8 @@ def verify(surgery: Surgery, directory: Path, layerwise: bool):
         try:
             tolerance, basis = surgery.tolerance(original, tokenizer, texts, dtype)
             original.to(dtype)  # float32 → float64 → float32 is lossless: the cached source comes back unchanged
+            for model in (original, output):
+                experts_runnable_in(model, dtype)
             report = compare_models(original, output, tokenizer, texts, DEFAULT_PROMPTS, tolerance=tolerance)
         finally:
             original.to(torch.float32)

@@ -1,6 +1,7 @@
 """The checkpoints the compatibility job (tests/compat.py) writes under one transformers release and loads under
-another: every differential layout, a stock-family conversion, the DiffLlama export and two growths (one of them a
-depth growth of a model with `layer_types`, which transformers 5.24 validates strictly).
+another: every differential layout, stock-family conversions (a mixture of experts, attention sinks), the DiffLlama
+export and three growths (depth growths of models with `layer_types` and `no_rope_layers`, which transformers 5.24
+validates strictly).
 
     python -m tests.compat_checkpoints DIR     # writes DIR/<case>/source and DIR/<case>/output for every CASE
 """
@@ -35,6 +36,11 @@ CASES = {
                                                                    num_attention_heads=12, num_key_value_heads=4))),
     "qwen3-grown-depth": (lambda d: save_family_model(d, "qwen3"),
                           lambda s, o: grow(str(s), o, GrowOptions.build(verify=False, num_layers=4))),
+    # issue 21: per-expert tensors fused on load by each release's own conversions; sinks; NoPE layers
+    "mixtral-doubled": (lambda d: save_family_model(d, "mixtral"), lambda s, o: convert(s, o)),
+    "gpt_oss-v2": (lambda d: save_family_model(d, "gpt_oss"), lambda s, o: convert(s, o, variant="v2")),
+    "smollm3-grown-depth": (lambda d: save_family_model(d, "smollm3"),
+                            lambda s, o: grow(str(s), o, GrowOptions.build(verify=False, num_layers=3))),
 }
 
 

@@ -44,6 +44,30 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2", dict(n_embd=32, n_head=4, n_layer=2, n_positions=128, scale_attn_by_inverse_layer_idx=True)),
     "olmo2": ("Olmo2", dict(hidden_size=36, intermediate_size=56, num_attention_heads=6, num_key_value_heads=2,
                             head_dim=8, rms_norm_eps=1e-5)),
+    # issue 21: mixture of experts (the MLP passes through), sinks, NoPE layers, multipliers
+    "mixtral": ("Mixtral", dict(hidden_size=36, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2,
+                                head_dim=8, num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                                sliding_window=WINDOW)),
+    # layer 1 keeps a dense MLP (mlp_only_layers); every layer slides (use_sliding_window)
+    "qwen3_moe": ("Qwen3Moe", dict(hidden_size=36, intermediate_size=56, moe_intermediate_size=24,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                   num_experts_per_tok=2, mlp_only_layers=[1], attention_bias=True, rms_norm_eps=1e-5,
+                                   use_sliding_window=True, sliding_window=WINDOW)),
+    "gpt_oss": ("GptOss", dict(hidden_size=36, intermediate_size=24, num_attention_heads=6, num_key_value_heads=2,
+                               head_dim=8, num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                               sliding_window=WINDOW, layer_types=ALTERNATING)),
+    # NoPE on layer 1 (no_rope_layer_interval 2), which also slides (SmolLM3 slides only NoPE layers)
+    "smollm3": ("SmolLM3", dict(hidden_size=32, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
+                                no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW,
+                                attention_bias=True, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "granite": ("Granite", dict(hidden_size=32, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
+                                attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                logits_scaling=3.0, attention_bias=True, rms_norm_eps=1e-5)),
+    "olmo3": ("Olmo3", dict(hidden_size=36, intermediate_size=56, num_attention_heads=6, num_key_value_heads=2,
+                            rms_norm_eps=1e-5, sliding_window=WINDOW, layer_types=ALTERNATING)),
+    "ministral": ("Ministral", dict(hidden_size=36, intermediate_size=56, num_attention_heads=6,
+                                    num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, sliding_window=WINDOW,
+                                    layer_types=ALTERNATING)),
 }
 CLASS_SUFFIX = {"GPT2": "LMHeadModel"}
 

@@ -49,6 +49,27 @@ TINY = {
     "falcon_alibi": dict(hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, multi_query=False, alibi=True,
                          bias=True, layer_norm_epsilon=1e-5),
 }
+TINY.update({
+    # issue 21: mixture of experts (router and experts pass through; new layers' experts write zero), attention
+    # sinks, NoPE layers, multipliers, interleaved sliding windows
+    "mixtral": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                    num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=7),
+    "qwen3_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+                      attention_bias=True, rms_norm_eps=1e-5),
+    "gpt_oss": dict(hidden_size=32, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                    num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=7,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "smollm3": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                    no_rope_layer_interval=2, attention_bias=True, rms_norm_eps=1e-5),
+    "granite": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                    attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0,
+                    rms_norm_eps=1e-5, attention_bias=True),
+    "olmo3": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  sliding_window=7, layer_types=["sliding_attention", "full_attention"]),
+    "ministral": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                      rms_norm_eps=1e-5, sliding_window=7, layer_types=["sliding_attention", "full_attention"]),
+})
 MODEL_TYPE = {"falcon_grouped": "falcon", "falcon_mha": "falcon", "falcon_alibi": "falcon"}  # variants of a family
 ONE_PLUS_NORMS = ("gemma", "gemma2", "gemma3_text")  # gain 1 + w: stored weights near 0
 

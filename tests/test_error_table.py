@@ -269,12 +269,44 @@ def inf_weight(case):
 
 @row("unsupported architecture (Bloom)",
      "unsupported architecture 'bloom': convert-diff-transformer supports falcon, gemma, gemma2, gemma3_text, gpt2, "
-     "gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3, stablelm; convert a model of one of these families")
+     "gpt_neox, gpt_oss, granite, llama, ministral, mistral, mixtral, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_moe, "
+     "smollm3, stablelm; convert a model of one of these families")
 def unsupported_architecture(case):
     from transformers import BloomConfig, BloomForCausalLM
 
     case.src = case.tmp / "bloom"
     BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(case.src)
+    return [CONVERT, case.src, "-o", case.out]
+
+
+@row("refused architecture (DeepSeek-V3: multi-head latent attention)",
+     "unsupported architecture 'deepseek_v3': its multi-head latent attention (MLA) keeps keys and values compressed "
+     "(kv_a_proj_with_mqa → kv_b_proj) with one decoupled RoPE key shared by all heads, which netmorph's per-head "
+     "q/k/v surgeries do not model; netmorph does not convert it")
+def refused_architecture(case):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    case.src = case.tmp / "deepseek_v3"
+    config = DeepseekV3Config(vocab_size=50, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2,
+                              num_experts_per_tok=1, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=None,
+                              qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4)
+    DeepseekV3ForCausalLM(config).save_pretrained(case.src)
+    return [CONVERT, case.src, "-o", case.out]
+
+
+@row("quantized safetensors checkpoint (GPT-OSS with MXFP4 experts)",
+     "SRC is quantized (quantization_config quant_method 'mxfp4'): netmorph rewrites full-precision weights; dequantize "
+     "it first (load it with transformers' dequantize option and save_pretrained) and run on that copy")
+def quantized_checkpoint(case):
+    import json
+
+    from tests.family_models import save_family_model
+
+    case.src = save_family_model(case.tmp / "gpt_oss", "gpt_oss")
+    config = json.loads((case.src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}  # as the published gpt-oss checkpoints say
+    (case.src / "config.json").write_text(json.dumps(config))
     return [CONVERT, case.src, "-o", case.out]
 
 

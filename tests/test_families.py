@@ -3,6 +3,8 @@ model of the family *saves* (the names netmorph reads; transformers v5 renames s
 lm_head → embed_out) is named by the spec, every name the spec gives exists in some variant of the family, and the
 config readings (biases, tied head, KV heads, qk norms, layouts) match what the model builds."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,6 +25,7 @@ VARIANTS = {
     "gpt_neox": [dict(attention_bias=False)],
     "falcon": [dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)],
     "olmo2": [dict(attention_bias=True)],
+    "qwen3_moe": [dict(mlp_only_layers=[0])],  # a dense MLP in layer 0
 }
 CASES = [(name, {}) for name in TINY] + [(name, v) for name, variants in VARIANTS.items() for v in variants]
 
@@ -49,7 +52,8 @@ def models(tmp_path_factory):
 
 def test_the_table_covers_every_issue_family():
     assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                             "gpt_neox", "stablelm", "falcon", "gpt2", "olmo2"}
+                             "gpt_neox", "stablelm", "falcon", "gpt2", "olmo2", "mixtral", "qwen3_moe", "gpt_oss",
+                             "smollm3", "granite", "olmo3", "ministral"}
     for spec in FAMILIES.values():
         assert spec.qkv_layout in QKV_LAYOUTS and spec.norm in ("rms", "rms_one_plus", "layer")
         assert set(spec.tensors) <= set(ROLE_SPACES), spec.model_type
@@ -67,6 +71,14 @@ def test_every_stock_tensor_is_named_by_the_spec(models, name, overrides):
     unknown = [r for r in roles if r.split(".")[0] not in spec.tensors]
     if spec.has_qk_norm(config) and spec.model_type == "stablelm":  # per-head LayerNorms: self_attn.*_layernorm.norms.h
         unknown = [r for r in unknown if "_layernorm.norms." not in r]
+    # mixture-of-experts blocks (router, experts) and GPT-OSS's sinks: named by the spec's patterns
+    moe = [r for r in unknown if any(re.fullmatch(pattern, r) for pattern in spec.moe_tensors)]
+    moe_layer = bool(spec.moe_tensors) and 0 not in spec.dense_layers(config)
+    assert bool(moe) == moe_layer, (spec.model_type, unknown)
+    assert any(re.fullmatch(pattern, r) for r in moe for pattern in spec.moe_writers) == moe_layer
+    sinks = [r for r in unknown if spec.sinks and r == spec.attention_prefix + spec.sinks]
+    assert bool(sinks) == bool(spec.sinks)
+    unknown = [r for r in unknown if r not in moe and r not in sinks]
     assert not unknown, unknown
     layer_keys = {k for k in state if k.startswith(spec.layer_prefix.split("{")[0])}
     globals_ = set(state) - layer_keys
@@ -116,10 +128,11 @@ def test_falcon_kv_heads_follow_its_flags(models):
 
 @pytest.mark.parametrize("command, words", [
     (None, "netmorph knows falcon, gemma"),
-    ("grow", "grow supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, "
-             "qwen3, stablelm; grow a model"),
+    ("grow", "grow supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, granite, llama, ministral, "
+             "mistral, mixtral, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_moe, smollm3, stablelm; grow a model"),
     ("convert-diff-transformer", "convert-diff-transformer supports falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, "
-                                 "llama, mistral, olmo2, phi3, qwen2, qwen3, stablelm; convert a model"),
+                                 "gpt_oss, granite, llama, ministral, mistral, mixtral, olmo2, olmo3, phi3, qwen2, "
+                                 "qwen3, qwen3_moe, smollm3, stablelm; convert a model"),
 ])
 def test_uncovered_family_lists_the_covered_ones(command, words):
     with pytest.raises(NetmorphError, match="unsupported architecture 'bloom'") as error:
@@ -133,6 +146,9 @@ def test_uncovered_family_lists_the_covered_ones(command, words):
     ("gemma2", dict(num_hidden_layers=3)), ("gemma3_text", {}),
     ("mistral", dict(sliding_window=7)), ("mistral", dict(sliding_window=None)), ("phi3", dict(sliding_window=7)),
     ("llama", {}), ("olmo2", {}),
+    ("mixtral", {}), ("qwen3_moe", dict(use_sliding_window=True, sliding_window=7)), ("gpt_oss", {}),
+    ("smollm3", dict(use_sliding_window=True, sliding_window=7)), ("smollm3", dict(sliding_window=7)),  # NoPE layers
+    ("olmo3", {}), ("ministral", {}), ("granite", {}),
 ])
 def test_sliding_window_rule_matches_the_stock_layers(name, overrides):
     """ArchSpec.layer_types (what convert writes into the differential config) agrees with what each stock attention
@@ -165,5 +181,16 @@ def test_sliding_window_rule_matches_the_stock_layers(name, overrides):
             handle.remove()
         actual.append("full_attention" if not torch.equal(outputs[0], outputs[1]) else "sliding_attention")
     assert spec.layer_types(model.config) == actual
-    if name in ("qwen2", "gemma2"):
+    if name in ("qwen2", "gemma2", "gpt_oss", "olmo3", "ministral") or (name, overrides) == (
+            "smollm3", dict(use_sliding_window=True, sliding_window=7)):
         assert set(actual) == {"sliding_attention", "full_attention"}  # the case is not trivial
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("deepseek_v3", "multi-head latent attention (MLA)"), ("qwen3_next", "Gated-DeltaNet linear attention"),
+])
+@pytest.mark.parametrize("command", ["convert-diff-transformer", "grow", "qkv-layout"])
+def test_refused_families_say_why(model_type, words, command):
+    with pytest.raises(NetmorphError, match=f"unsupported architecture '{model_type}'") as error:
+        spec_for(model_type, command)
+    assert words in str(error.value) and "\n" not in str(error.value)

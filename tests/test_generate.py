@@ -26,7 +26,7 @@ pytestmark = pytest.mark.compat
 
 NEW = 16
 LENGTHS = (7, 12)
-BACKEND = {"gemma2": "eager"}
+BACKEND = {"gemma2": "eager", "gpt_oss": "eager"}  # stock classes without an SDPA path
 WAYS = {"dynamic cache": {}, "static cache": {"cache_implementation": "static"}, "no cache": {"use_cache": False}}
 
 
@@ -83,7 +83,8 @@ def assert_generates_like(original_dir, new_dir, backend="sdpa"):
 # ── converted: every layout, the Llama class and the stock-family classes ──
 
 EXACT_LAYOUTS = {"doubled": {}, "v2": {"variant": "v2"}}
-FAMILIES = ["qwen3", "gemma2", "gpt2", "phi3", "falcon"]
+FAMILIES = ["qwen3", "gemma2", "gpt2", "phi3", "falcon", "mixtral", "qwen3_moe", "gpt_oss", "smollm3", "granite", "olmo3",
+            "ministral"]
 
 
 @pytest.mark.parametrize("layout", EXACT_LAYOUTS)
@@ -148,12 +149,16 @@ GROWTHS = {
     "phi3": dict(num_layers=3, intermediate_size=80, num_attention_heads=8, num_key_value_heads=4, hidden_size=96),
     "falcon": dict(num_layers=3, intermediate_size=64),
     "gemma2": dict(num_layers=3, intermediate_size=80, num_attention_heads=8, num_key_value_heads=4),
+    "mixtral": dict(num_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+    "gpt_oss": dict(num_layers=3, num_attention_heads=8, num_key_value_heads=4),
+    "smollm3": dict(num_layers=3, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4, hidden_size=64),
 }
 
 
 # Sources whose greedy text depends on the context (see generate_without_the_past); the default grow sources of these
-# two saturate into one repeated token.
-GROW_SOURCES = {"llama": dict(embed_shift=0.0), "gemma2": dict(embed_shift=0.0, initializer_range=0.05)}
+# saturate into one repeated token.
+GROW_SOURCES = {"llama": dict(embed_shift=0.0), "gemma2": dict(embed_shift=0.0, initializer_range=0.05),
+               "mixtral": dict(embed_shift=0.0), "smollm3": dict(embed_shift=0.0)}
 
 
 @pytest.mark.parametrize("family", GROWTHS)

@@ -61,6 +61,26 @@ CASES = {
     "falcon_mha": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=60)),
                    ((H, N), dict(num_attention_heads=6, hidden_size=48)), ((D, N), dict(head_dim=12, hidden_size=48))],
     "falcon_alibi": [((L,), dict(num_layers=3, new_layers_at="0")), ((I,), dict(intermediate_size=60))],
+    # issue 21
+    "mixtral": [((L,), dict(num_layers=3, new_layers_at="0")),
+                ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
+                ((D,), dict(head_dim=16))],
+    "qwen3_moe": [((L,), dict(num_layers=4, new_layers_at="interleave")),
+                  ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4))],
+    "gpt_oss": [((L,), dict(num_layers=3, new_layers_at="0")),
+                ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((H,), dict(num_attention_heads=8)),
+                ((K,), dict(num_key_value_heads=4))],
+    "smollm3": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=64)),
+                ((H, K, N), dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48)),
+                ((K,), dict(num_key_value_heads=4)), ((D, N), dict(head_dim=16, hidden_size=64))],
+    "granite": [((L,), dict(num_layers=3)), ((I,), dict(intermediate_size=64)),
+                ((H, K, N), dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48)),
+                ((K,), dict(num_key_value_heads=4)), ((D, N), dict(head_dim=16, hidden_size=64))],
+    "olmo3": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=60)),
+              ((K,), dict(num_key_value_heads=4))],
+    "ministral": [((L,), dict(num_layers=4, new_layers_at="interleave")), ((I,), dict(intermediate_size=50)),
+                  ((H, K), dict(num_attention_heads=6, num_key_value_heads=3)), ((K,), dict(num_key_value_heads=4)),
+                  ((D,), dict(head_dim=14)), ((N,), dict(hidden_size=40))],
 }
 # What each family (variant) grows; everything else is refused (tested below).
 SUPPORTED = {family: {dim for dims, _ in cases for dim in dims} for family, cases in CASES.items()}
@@ -135,6 +155,12 @@ def test_every_family_grows_every_supported_dim_exactly(sources, tmp_path, famil
         ("falcon_mha", ["--num-key-value-heads", "8"], ["one KV head per query head"]),
         ("gpt2", ["--num-key-value-heads", "8"], ["one KV head per query head"]),
         ("gpt2", ["--hidden-size", "34"], ["head_dim = hidden / heads", "--num-attention-heads one of"]),
+        ("mixtral", ["--intermediate-size", "64"], ["cannot grow --intermediate-size exactly", "mixture-of-experts",
+                                                     "grow --num-layers, --num-attention-heads"]),
+        ("qwen3_moe", ["--hidden-size", "64"], ["cannot grow --hidden-size exactly", "mixture-of-experts"]),
+        ("gpt_oss", ["--head-dim", "16"], ["rope_type 'yarn'", "grow heads instead"]),
+        ("olmo3", ["--num-attention-heads", "8"], ["cannot grow --num-attention-heads exactly",
+                                                   "all heads × head_dim together"]),
     ],
 )
 def test_what_a_family_cannot_grow_is_refused_with_the_reason(sources, tmp_path, family, args, words):
@@ -194,6 +220,8 @@ def test_new_post_norm_layers_zero_the_post_norm_gain_not_the_writer(sources, tm
     ("falcon_grouped", ["--num-attention-heads", "6", "--num-key-value-heads", "3", "--hidden-size", "48"]),
     ("gpt2", ["--num-layers", "3", "--hidden-size", "40", "--num-attention-heads", "5"]),
     ("olmo2", ["--num-layers", "3", "--num-key-value-heads", "4"]),
+    # float64 verification of mixture-of-experts models (the experts' eager loop: grouped_mm has no float64 path)
+    ("mixtral", ["--num-layers", "3", "--num-attention-heads", "8", "--num-key-value-heads", "4"]),
 ])
 def test_cli_verifies_new_families_on_real_text(smollm2_dir, tmp_path, family, args):
     """The command end to end with its own verification (both models on the default texts, greedy text, sdpa) for
@@ -207,3 +235,29 @@ def test_cli_verifies_new_families_on_real_text(smollm2_dir, tmp_path, family, a
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "Generations match" in result.output
     assert MODEL_TYPE.get(family, family) == load32(out).config.model_type
+
+
+@pytest.mark.parametrize("family, options, field, expected", [
+    # SmolLM3 no_rope_layers [1, 0] (NoPE on layer 1): the new layers copy their source's flag
+    ("smollm3", dict(num_layers=4, new_layers_at="0,1"), "no_rope_layers", [1, 1, 0, 0]),
+    # Qwen3-MoE: layer 1 dense (mlp_only_layers [1]); interleaving puts new layers after layer 0 (sparse) and 1
+    ("qwen3_moe", dict(num_layers=4, new_layers_at="0,1"), "mlp_only_layers", [2, 3]),
+    ("gpt_oss", dict(num_layers=3, new_layers_at="0"), "layer_types",
+     ["sliding_attention", "sliding_attention", "full_attention"]),
+])
+def test_per_layer_config_lists_follow_their_layers(sources, tmp_path, family, options, field, expected):
+    """Depth growth extends the config's per-layer lists with each new layer's source entry (the exactness test
+    above fails without it: a NoPE layer that gained RoPE, a dense layer that became MoE)."""
+    grow_tiny(sources[family], tmp_path / "grown", **options)
+    assert getattr(load32(tmp_path / "grown").config, field) == expected
+
+
+def test_new_moe_layers_write_zero_through_their_experts(sources, tmp_path):
+    """A new Mixtral layer keeps a live router and experts' readers, and zero expert down projections (w2)."""
+    from safetensors.torch import load_file
+
+    grow_tiny(sources["mixtral"], tmp_path / "g", num_layers=3)
+    state = load_file(str(tmp_path / "g" / "model.safetensors"))
+    new = "model.layers.2.block_sparse_moe."
+    assert all(not state[f"{new}experts.{e}.w2.weight"].any() for e in range(3))
+    assert state[f"{new}experts.0.w1.weight"].abs().sum() > 0 and state[f"{new}gate.weight"].abs().sum() > 0

@@ -241,3 +241,11 @@ def test_hidden_growth_by_copies_keeps_every_norm_and_breaks_symmetry(copies):
     assert torch.equal(grown["q_norm.weight"], layer["q_norm.weight"])  # per-head q/k norms: untouched
     weight, _ = ops.copy_norm(layer["attn_norm.weight"], None, copies, "rms_one_plus", factor=0.5)
     torch.testing.assert_close(1 + weight, ((1 + layer["attn_norm.weight"]) * 0.5).repeat(copies))
+
+
+def test_per_head_values_follow_their_heads():
+    """GPT-OSS sinks (one value per query head): 4 heads in 2 KV groups → 8 heads in 2 groups puts old head h at
+    (h // 2)·4 + h % 2 (head_placement), new heads at 0; hand-computed."""
+    placed = ops.place_head_values(torch.tensor([1.0, 2.0, 3.0, 4.0]), 4, 2, 8, 2)
+    assert placed.tolist() == [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]
+    assert ops.place_head_values(torch.tensor([1.0, 2.0]), 2, 2, 2, 2).tolist() == [1.0, 2.0]

@@ -105,8 +105,8 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
                              word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
     out = tmp_path / "out"
     assert_clean_error(run_cli("grow", tmp_path / "opt", "-o", out, "--num-layers", "2"), "'opt'",
-                       "falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3, "
-                       "stablelm", output=out)
+                       "falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gpt_oss, granite, llama, ministral, mistral, "
+                       "mixtral, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_moe, smollm3, stablelm", output=out)
 
 
 @pytest.mark.parametrize(

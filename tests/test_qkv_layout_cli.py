@@ -98,7 +98,11 @@ def refusal(*args: str) -> str:
 
 
 def load(path: Path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
+    from netmorph.pipeline import experts_runnable_in
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
+    experts_runnable_in(model, dtype)  # MoE families: the experts' eager loop in float64
+    return model
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ def test_compiled_decode_over_a_static_cache_matches_one_full_forward(converted,
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 5e-5
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "gemma2", "phi3", "gpt2", "falcon"])
+@pytest.mark.parametrize("variant", ["qwen3", "gemma2", "phi3", "gpt2", "falcon", "mixtral", "qwen3_moe", "gpt_oss",
+                                     "smollm3", "granite", "olmo3", "ministral"])
 def test_family_models_generate_the_same_with_a_static_cache(tmp_path, variant):
     """The stock-family models (the stock decoder around netmorph's attention) in the doubled layout."""
     source = save_family_model(tmp_path / variant, variant)

@@ -34,6 +34,12 @@ QK_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 # pre_feedforward_layernorm → mlp → post_feedforward_layernorm → residual
 GEMMA2_LAYER = {**STANDARD_LAYER, "attn_post_norm": "post_attention_layernorm", "mlp_norm": "pre_feedforward_layernorm",
                 "mlp_post_norm": "post_feedforward_layernorm"}
+# OLMo2/3: post-norms only (no pre-norms), q/k norms over the whole projection
+OLMO2_LAYER = {**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,
+               "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
+# Mixture-of-experts layers: attention and the two pre-norms are roles; the router and the experts are not (they
+# read and write the residual stream through tensors the MoE block owns: `moe_tensors`).
+MOE_LAYER = {k: v for k, v in STANDARD_LAYER.items() if k not in ("gate", "up", "down")}
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,24 @@ class ArchSpec:
     rope: "full" (rotate-half over head_dim), "partial" (the first `partial_rotary_factor` of each head; the rest
         passes through), "none" (learned positions: `position_embed`); `alibi_field` names a config flag that
         swaps RoPE for ALiBi (Falcon).
-    attention_scale: "head_dim" (scores × head_dim^−½) or "query_pre_attn_scalar" (Gemma2/3: a config constant).
+    rotary_halves: the family's rotary embedding returns cos/sin of width head_dim/2, applied to the pairs
+        (x[i], x[i + d/2]) (GPT-OSS `_apply_rotary_emb`) — rotate-half with cos/sin repeated twice.
+    no_rope_field: config list with one entry per layer, 0 where the layer applies no RoPE (SmolLM3's
+        `no_rope_layers`: NoPE on every `no_rope_layer_interval`-th layer).
+    attention_scale: "head_dim" (scores × head_dim^−½), "query_pre_attn_scalar" (Gemma2/3: a config constant, ^−½)
+        or "attention_multiplier" (Granite: the config's `attention_multiplier` itself is the factor).
+    sinks: the attention module's learned per-head sink logits (GPT-OSS `self_attn.sinks`, shape (heads,)): an
+        extra softmax column per head that takes probability mass and contributes no value.
+    sliding_flag: config flag that must be true for a "sliding_attention" layer to slide (SmolLM3's
+        `use_sliding_window`).
+    moe_tensors: regexes (under `layer_prefix`) of a mixture-of-experts block's tensors: router and experts, which
+        every command passes through unchanged; `moe_writers` the ones among them that write the residual stream
+        (experts' down projections and their biases). `experts_fused_on_load`: transformers stores the experts one
+        tensor per expert and fuses them into one tensor per layer when it loads the model (Mixtral, Qwen3-MoE), so
+        the module names differ from the stored ones (layer-wise verification, which loads modules from stored
+        names, refuses such models; full verification loads through transformers).
+    dense_mlp_layers: the config fields (`mlp_only_layers`, `decoder_sparse_step`) by which Qwen3-MoE gives some
+        layers a dense MLP: layer i is sparse iff i ∉ mlp_only_layers, num_experts > 0 and (i + 1) % step == 0.
     embed_scale: the model multiplies embeddings by √hidden (Gemma family).
     tied: the default of `tie_word_embeddings` when config.json does not say.
     qkv_bias / o_bias / mlp_bias: True, False, or the config field that decides it.
@@ -85,7 +108,15 @@ class ArchSpec:
     qk_norm_field: str | None = None  # config flag that switches the q/k norms on (None: always there when qk_norm)
     rope: str = "full"
     alibi_field: str | None = None
+    rotary_halves: bool = False
+    no_rope_field: str | None = None
     attention_scale: str = "head_dim"
+    sinks: str | None = None
+    sliding_flag: str | None = None
+    moe_tensors: tuple[str, ...] = ()
+    moe_writers: tuple[str, ...] = ()
+    experts_fused_on_load: bool = False
+    dense_mlp_layers: tuple[str, str] | None = None  # Qwen3-MoE: (list of dense layers, sparse step) config fields
     embed_scale: bool = False
     layer_prefix: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
@@ -211,6 +242,8 @@ class ArchSpec:
         `sliding_window` is set; otherwise every layer full."""
         n = config.num_hidden_layers
         window = getattr(config, "sliding_window", None)
+        if self.sliding_flag and not getattr(config, self.sliding_flag, False):
+            return ["full_attention"] * n
         if self.sliding == "layer_types" and getattr(config, "layer_types", None):
             return list(config.layer_types)
         if self.sliding == "all" and window is not None:
@@ -218,7 +251,43 @@ class ArchSpec:
         return ["full_attention"] * n
 
 
+    def rope_layers(self, config) -> list[bool]:
+        """Per layer: does it apply RoPE (False: SmolLM3's NoPE layers, `no_rope_field` entry 0)."""
+        if self.rope_kind(config) in ("none", "alibi"):
+            return [False] * config.num_hidden_layers
+        flags = getattr(config, self.no_rope_field, None) if self.no_rope_field else None
+        return [bool(flag) for flag in flags] if flags else [True] * config.num_hidden_layers
+
+    def dense_layers(self, config) -> list[int]:
+        """Layers whose MLP is dense in a model that mixes dense and MoE layers (Qwen3-MoE), else []."""
+        if not self.dense_mlp_layers:
+            return []
+        dense_field, step_field = self.dense_mlp_layers
+        dense, step = set(getattr(config, dense_field, None) or []), getattr(config, step_field, 1) or 1
+        experts = getattr(config, "num_experts", 0) or 0
+        return [i for i in range(config.num_hidden_layers) if i in dense or experts == 0 or (i + 1) % step]
+
+    def attention_scaling(self, config, head_dim: int) -> float:
+        """The factor on q·k (before any per-layer division)."""
+        if self.attention_scale == "query_pre_attn_scalar":
+            return config.query_pre_attn_scalar**-0.5
+        if self.attention_scale == "attention_multiplier":
+            return float(config.attention_multiplier)
+        return head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+
+
+FUSED_EXPERTS = ("transformers fuses its per-expert tensors into one tensor per layer when it loads the model, and "
+                 "layer-wise verification loads each module from the stored tensor names")
+
 HEAD_DIM_QK_NORM = "its q/k norms normalise over head_dim, so new head dims would change every existing score"
+OLMO_REFUSALS = (
+    Refusal(("hidden_size",), "its q/k norms share rms_norm_eps with every norm, so zero-fill (eps × n/n′) cannot be "
+            "exact, and whole copies of the residual stream would need more heads (head_dim = hidden / heads)"),
+    Refusal(("num_attention_heads", "head_dim"), "its q norm normalises over all heads × head_dim together (and "
+            "head_dim is hidden / heads), so new heads or head dims would change the existing scores"),
+)
+MOE_WIDTH = ("its mixture-of-experts MLP (router and experts) is passed through unchanged: netmorph grows depth and "
+             "attention, not the experts' width or the residual stream they read and write")
 
 
 def _rms(model_type: str, **kwargs) -> ArchSpec:
@@ -243,15 +312,7 @@ FAMILIES: dict[str, ArchSpec] = {
              embed_scale=True, tied=True, attention_scale="query_pre_attn_scalar", sliding="layer_types",
              heads_divide_hidden=True, hidden_growth="copies", grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),)),
         _rms("olmo2", qk_norm="full_width", free_head_dim=False, qkv_bias="attention_bias",
-             o_bias="attention_bias",
-             tensors={**{k: v for k, v in STANDARD_LAYER.items() if not k.endswith("norm")}, **QK_NORMS,
-                      "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
-             grow_refuses=(Refusal(("hidden_size",), "its q/k norms share rms_norm_eps with every norm, so zero-fill "
-                                   "(eps × n/n′) cannot be exact, and whole copies of the residual stream would need "
-                                   "more heads (head_dim = hidden / heads)"),
-                           Refusal(("num_attention_heads", "head_dim"),
-                                   "its q norm normalises over all heads × head_dim together (and head_dim is "
-                                   "hidden / heads), so new heads or head dims would change the existing scores"))),
+             o_bias="attention_bias", tensors=OLMO2_LAYER, grow_refuses=OLMO_REFUSALS),
         _rms("phi3", free_head_dim=False, qkv_layout="sequential", rope="partial", sliding="all",
              tensors={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
                       "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}),
@@ -295,7 +356,54 @@ FAMILIES: dict[str, ArchSpec] = {
                                 "intermediate_size": "n_inner"},
                  tensors={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj",
                           "attn_norm": "ln_1", "mlp_norm": "ln_2"}),
+        # ── issue 21: mixture of experts, sinks, NoPE layers, multipliers (transformers 5.24 modeling files) ──
+        # Mixtral: Mistral attention (sliding on every layer when sliding_window is set); block_sparse_moe router
+        # `gate` and experts w1 (gate), w3 (up), w2 (down) as saved (transformers fuses them on load)
+        _rms("mixtral", sliding="all", tensors=MOE_LAYER,
+             moe_tensors=(r"block_sparse_moe\.gate\.weight", r"block_sparse_moe\.experts\.\d+\.w[123]\.weight",
+                          r"mlp\.gate\.weight", r"mlp\.experts\.(gate_up_proj|down_proj)"),
+             moe_writers=(r"block_sparse_moe\.experts\.\d+\.w2\.weight", r"mlp\.experts\.down_proj"),
+             experts_fused_on_load=True,
+             grow_refuses=(Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH),)),
+        # Qwen3-MoE: Qwen3 attention (per-head q/k norms; sliding on every layer when use_sliding_window); MoE
+        # layers hold mlp.gate (router) and mlp.experts.{e}.{gate,up,down}_proj; `mlp_only_layers` keep a dense MLP
+        _rms("qwen3_moe", tensors={**STANDARD_LAYER, **QK_NORMS}, qk_norm="per_head", qkv_bias="attention_bias",
+             o_bias="attention_bias", sliding="all",
+             moe_tensors=(r"mlp\.gate\.weight", r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight",
+                          r"mlp\.experts\.(gate_up_proj|down_proj)"),
+             moe_writers=(r"mlp\.experts\.\d+\.down_proj\.weight", r"mlp\.experts\.down_proj"),
+             experts_fused_on_load=True, dense_mlp_layers=("mlp_only_layers", "decoder_sparse_step"),
+             grow_refuses=(Refusal(("head_dim",), HEAD_DIM_QK_NORM),
+                           Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH))),
+        # GPT-OSS: learned per-head sinks, alternating sliding/full layers, q/k/v/o biases, half-width rotary
+        # cos/sin; MoE with router bias and fused expert tensors with biases
+        _rms("gpt_oss", tensors=MOE_LAYER, qkv_bias="attention_bias", o_bias="attention_bias", sliding="layer_types",
+             sinks="sinks", rotary_halves=True, attention_backend="eager",
+             moe_tensors=(r"mlp\.router\.(weight|bias)", r"mlp\.experts\.(gate_up_proj|down_proj)(_bias)?"),
+             moe_writers=(r"mlp\.experts\.down_proj(_bias)?",),
+             grow_refuses=(Refusal(("intermediate_size", "hidden_size"), MOE_WIDTH),)),
+        # SmolLM3: Llama attention without RoPE on every no_rope_layer_interval-th layer (no_rope_layers[i] == 0)
+        _rms("smollm3", qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias",
+             free_head_dim=False, sliding="layer_types", sliding_flag="use_sliding_window",
+             no_rope_field="no_rope_layers"),
+        # Granite: Llama with attention_multiplier as the score factor, embedding_multiplier, residual_multiplier
+        # and logits_scaling (the stock model applies the last three; attention keeps the first)
+        _rms("granite", qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias",
+             free_head_dim=False, attention_scale="attention_multiplier"),
+        # OLMo3: OLMo2's post-norms and full-width q/k norms, with sliding layers from layer_types
+        _rms("olmo3", qk_norm="full_width", free_head_dim=False, qkv_bias="attention_bias", o_bias="attention_bias",
+             tensors=OLMO2_LAYER, sliding="layer_types", grow_refuses=OLMO_REFUSALS),
+        # Ministral: Mistral with interleaved sliding/full layers (layer_types)
+        _rms("ministral", sliding="layer_types"),
     )
+}
+# Families netmorph refuses, with the reason (shown by every command).
+REFUSED: dict[str, str] = {
+    "deepseek_v3": "its multi-head latent attention (MLA) keeps keys and values compressed (kv_a_proj_with_mqa → "
+    "kv_b_proj) with one decoupled RoPE key shared by all heads, which netmorph's per-head q/k/v surgeries do not model",
+    "qwen3_next": "three of every four layers are Gated-DeltaNet linear attention (no softmax attention to make "
+    "differential or to grow by heads), and its full-attention layers gate their output with a sigmoid of extra "
+    "query rows",
 }
 # Which families each command covers (the rest of the table is there for the other commands).
 COMMANDS: dict[str, tuple[str, ...]] = {
@@ -314,6 +422,9 @@ def spec_for(model_type: str, command: str | None = None) -> ArchSpec:
             f"this is already a netmorph differential-attention checkpoint (model_type {model_type!r}), which "
             f"{command or 'netmorph'} does not take as a source: run it on the original model instead"
         )
+    if model_type in REFUSED:
+        raise NetmorphError(f"unsupported architecture {model_type!r}: {REFUSED[model_type]}; netmorph does not "
+                            f"{VERBS.get(command, 'convert')} it")
     if model_type not in covered:
         what = f"{command} supports" if command else "netmorph knows"
         raise NetmorphError(

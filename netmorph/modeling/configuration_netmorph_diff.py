@@ -42,6 +42,13 @@ FAMILY_CONFIGS = {
     "falcon": ("FalconConfig", "NetmorphDiffFalconConfig"),
     "gpt2": ("GPT2Config", "NetmorphDiffGPT2Config"),
     "olmo2": ("Olmo2Config", "NetmorphDiffOlmo2Config"),
+    "mixtral": ("MixtralConfig", "NetmorphDiffMixtralConfig"),
+    "qwen3_moe": ("Qwen3MoeConfig", "NetmorphDiffQwen3MoeConfig"),
+    "gpt_oss": ("GptOssConfig", "NetmorphDiffGptOssConfig"),
+    "smollm3": ("SmolLM3Config", "NetmorphDiffSmolLM3Config"),
+    "granite": ("GraniteConfig", "NetmorphDiffGraniteConfig"),
+    "olmo3": ("Olmo3Config", "NetmorphDiffOlmo3Config"),
+    "ministral": ("MinistralConfig", "NetmorphDiffMinistralConfig"),
 }
 _BUILT: dict[str, type] = {}
 

@@ -10,11 +10,14 @@ with                    λ = mix · (exp(λq1·λk1) − exp(λq2·λk2) + λ_in
 `mix` and `lambda_init` are persistent buffers, so a checkpoint saved during a λ warm-up reloads with the same λ.
 A freshly converted checkpoint has mix = 0, where the layer computes exactly the original attention.
 
-Every family (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, Falcon, GPT-2, OLMo2) keeps its stock
+Every family (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-NeoX, StableLM, Falcon, GPT-2, OLMo2, Mixtral,
+Qwen3-MoE, GPT-OSS, SmolLM3, Granite, OLMo3, Ministral) keeps its stock
 transformers model — embeddings, norms, MLPs, residual wiring, positions, masks, KV cache and generation unchanged —
 as `NetmorphDiff<Stock class>` (model_type "netmorph_diff_<family>"), with each layer's attention module replaced by
 `NetmorphDiffAttention`. What differs between families inside attention is data (`AttentionFeatures`, written by the
-converter into `config.diff_attention`): biases, q/k norms, scaling, logit soft-capping, sliding windows. Fused q/k/v
+converter into `config.diff_attention`): biases, q/k norms, scaling, logit soft-capping, sliding windows, NoPE
+layers, attention sinks. Mixture-of-experts MLPs are the stock ones, loaded through the stock family's weight
+conversions (transformers fuses per-expert tensors on load; `_register_weight_conversions`). Fused q/k/v
 projections (Phi-3, GPT-NeoX, Falcon, GPT-2's Conv1D) are stored unfused (q_proj / k_proj / v_proj / o_proj,
 nn.Linear layout) so every family has one differential layout.
 
@@ -28,7 +31,9 @@ the declared floor and the newest release on every change):
   `cache`; GPT-NeoX and Falcon say `layer_past`); an unknown cache-like argument raises instead of being dropped;
 - `Cache.update(key, value, layer_idx)` (and GPT-2's `EncoderDecoderCache.self_attention_cache`);
 - `ALL_ATTENTION_FUNCTIONS.get_interface(name, default)` and the attention functions' call
-  `(module, query, key, value, mask, dropout=, scaling=, sliding_window=, softcap=, **kwargs)`;
+  `(module, query, key, value, mask, dropout=, scaling=, sliding_window=, softcap=, s_aux=, **kwargs)`;
+- `transformers.conversion_mapping.get_checkpoint_conversion_mapping` / `register_checkpoint_conversion_mapping`
+  (families whose stock class converts stored tensors on load: Mixtral, Qwen3-MoE);
   `ALL_MASK_ATTENTION_FUNCTIONS` (which backends get a mask); `config._attn_implementation`.
 
 Notation in shape comments: B batch, T query length, S key length, H query heads of the source model, G its KV heads,
@@ -104,9 +109,12 @@ class RMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, s_aux=None,
+                            **kwargs):
     """Explicit attention: (B, heads, T, d) query against (B, G, S, d) key/value → (B, T, heads, value_dim).
-    `softcap` is Gemma2's logit soft-capping (scores → c·tanh(scores / c) before the mask)."""
+    `softcap` is Gemma2's logit soft-capping (scores → c·tanh(scores / c) before the mask). `s_aux` (heads,) are
+    GPT-OSS's sink logits: one more softmax column per head, dropped after the softmax (its value is zero), as in
+    transformers' gpt_oss eager_attention_forward."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
@@ -117,7 +125,14 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
         attn_weights = attn_weights + attention_mask
     # Softmax in at least fp32 (half-precision scores would round), in float64 for a float64 model: fp32 would turn
     # its finfo.min mask entries into −inf and fully masked rows into NaN.
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32))
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    if s_aux is not None:
+        sinks = s_aux.to(attn_weights.dtype).reshape(1, -1, 1, 1).expand(*attn_weights.shape[:-1], 1)
+        combined = torch.cat([attn_weights, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        attn_weights = nn.functional.softmax(combined, dim=-1, dtype=softmax_dtype)[..., :-1]
+    else:
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype)
     attn_weights = attn_weights.to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
@@ -162,6 +177,10 @@ class AttentionFeatures:
     scaling: the factor on q·k (head_dim^−½; Gemma2/3: query_pre_attn_scalar^−½; GPT-2 may divide by layer + 1).
     softcap: logit soft-capping (Gemma2/3 attn_logit_softcapping), None for none.
     output_dropout: dropout on the attention output after o_proj (GPT-2's resid_pdrop).
+    use_rope: the layer rotates q/k (False: SmolLM3's NoPE layers).
+    rotary_halves: the family's cos/sin are head_dim/2 wide and rotate the pairs (x[i], x[i + d/2]) (GPT-OSS):
+        rotate-half with cos/sin repeated twice.
+    sinks: the layer has learned per-head sink logits (GPT-OSS), `NetmorphDiffAttention.sinks`.
     """
 
     num_heads: int
@@ -177,6 +196,9 @@ class AttentionFeatures:
     attention_dropout: float = 0.0
     output_dropout: float = 0.0
     is_causal: bool = True
+    use_rope: bool = True
+    rotary_halves: bool = False
+    sinks: bool = False
 
     @classmethod
     def of_layer(cls, config, layer_idx: int) -> "AttentionFeatures":
@@ -189,6 +211,8 @@ class AttentionFeatures:
             sliding_window=data["sliding_windows"][layer_idx], softcap=data.get("softcap"),
             qk_norm=data.get("qk_norm", "none"), attention_dropout=data.get("attention_dropout", 0.0),
             output_dropout=data.get("output_dropout", 0.0), is_causal=data.get("is_causal", True),
+            use_rope=data["rope_layers"][layer_idx] if "rope_layers" in data else True,
+            rotary_halves=data.get("rotary_halves", False), sinks=data.get("sinks", False),
         )
 
 
@@ -207,6 +231,8 @@ class NetmorphDiffAttention(nn.Module):
 
     `qk_norms`: the family's q and k norm modules (by their attribute names in the stock attention, so their
     tensors keep their names), when `features.qk_norm` is not "none".
+    `sinks` (GPT-OSS): learned sink logits, one per query head of every component — (2H,) in the doubled and v2
+    layouts (positive heads first; v2: in the order of the 2H query heads), (H,) in the split layout.
     """
 
     def __init__(self, config, layer_idx: int, qk_norms: dict[str, nn.Module] | None = None):
@@ -237,6 +263,7 @@ class NetmorphDiffAttention(nn.Module):
         self.qk_norm_names = tuple(qk_norms or ())  # (q norm, k norm) attribute names
         for name, module in (qk_norms or {}).items():
             self.add_module(name, module)
+        self.sinks = nn.Parameter(torch.empty(q_factor * self.num_heads)) if features.sinks else None
         if self.layout == "v2":
             self.lambda_proj = nn.Linear(hidden, self.num_heads, bias=False)
             self.subln = None
@@ -296,6 +323,8 @@ class NetmorphDiffAttention(nn.Module):
         if self.features.softcap is not None:
             call_kwargs["softcap"] = self.features.softcap
         if self.layout == "v2":
+            if self.sinks is not None:
+                call_kwargs["s_aux"] = self.sinks
             return self._finish(*self._forward_v2(attention, hidden_states, query, key, value, attention_mask,
                                                   call_kwargs))
         query_pos, query_neg = query.chunk(2, dim=1)
@@ -308,13 +337,17 @@ class NetmorphDiffAttention(nn.Module):
             value_pos = value_neg = self._split_layout_value(value)
 
         fused = None
-        if self.layout == "split":
+        if self.layout == "split" and self.sinks is None:
             fused = self._split_kernel(query_pos, query_neg, key_pos, key_neg, value_pos, attention_mask, call_kwargs)
+        kwargs_pos, kwargs_neg = call_kwargs, call_kwargs
+        if self.sinks is not None:  # each component's softmax with its own heads' sinks
+            sinks_pos, sinks_neg = self.sinks.chunk(2)
+            kwargs_pos, kwargs_neg = {**call_kwargs, "s_aux": sinks_pos}, {**call_kwargs, "s_aux": sinks_neg}
         if fused is not None:
             (out_pos, out_neg), weights_pos = fused, None
         else:
-            out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, call_kwargs)
-            out_neg, weights_neg = self._attend(attention, query_neg, key_neg, value_neg, attention_mask, call_kwargs)
+            out_pos, weights_pos = self._attend(attention, query_pos, key_pos, value_pos, attention_mask, kwargs_pos)
+            out_neg, weights_neg = self._attend(attention, query_neg, key_neg, value_neg, attention_mask, kwargs_neg)
         lam = self.lambda_full().to(out_pos.dtype)
         out = out_pos - lam * out_neg  # (B, T, heads, value_dim)
         if self.subln is not None:
@@ -360,8 +393,11 @@ class NetmorphDiffAttention(nn.Module):
             key = k_norm(key)
         elif self.features.qk_norm == "per_head":
             query, key = self._norm_components(query, key, components, dim=1)
-        if position_embeddings is not None:  # None: learned absolute positions (GPT-2), added to the embeddings
+        # None: learned absolute positions (GPT-2), added to the embeddings; use_rope False: a NoPE layer (SmolLM3)
+        if position_embeddings is not None and self.features.use_rope:
             cos, sin = position_embeddings
+            if self.features.rotary_halves:  # GPT-OSS: (x[i], x[i + d/2]) pairs = rotate-half with cos/sin twice
+                cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         return query, key, value
 
@@ -392,14 +428,21 @@ class NetmorphDiffAttention(nn.Module):
         maps = []
         if self.layout == "v2":  # paired query heads over the same keys
             branches = [(query[:, 0::2], key), (query[:, 1::2], key)]
+            sinks = (None, None) if self.sinks is None else (self.sinks[0::2], self.sinks[1::2])
         else:
             branches = zip(query.chunk(2, dim=1), key.chunk(2, dim=1))
-        for q, k in branches:
+            sinks = (None, None) if self.sinks is None else self.sinks.chunk(2)
+        for (q, k), sink in zip(branches, sinks):
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
             if self.features.softcap is not None:
                 scores = torch.tanh(scores / self.features.softcap) * self.features.softcap
-            maps.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            if sink is None:
+                maps.append(scores.softmax(-1))
+            else:  # the sink column takes its share of the mass and is dropped
+                column = sink.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+                maps.append(torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1])
         return maps[0], maps[1]
 
     def _split_layout_value(self, value: torch.Tensor) -> torch.Tensor:
@@ -450,8 +493,11 @@ class NetmorphDiffAttention(nn.Module):
 
 
 
-def _init_differential(module: nn.Module, lambda_std: float) -> None:
-    """A model created from scratch (not converted): λ vectors N(0, lambda_std), the paper's λ_init, mix 1."""
+def _init_differential(module: nn.Module, lambda_std: float, initializer_range: float = 0.02) -> None:
+    """A model created from scratch (not converted): λ vectors N(0, lambda_std), the paper's λ_init, mix 1; sinks
+    N(0, initializer_range) as the stock GPT-OSS initialises them."""
+    if isinstance(module, NetmorphDiffAttention) and module.sinks is not None:
+        init.normal_(module.sinks, 0.0, initializer_range)
     if isinstance(module, NetmorphDiffAttention) and module.layout == "v2":
         init.zeros_(module.lambda_proj.weight)  # λ = 0.5 everywhere
     elif isinstance(module, NetmorphDiffAttention):
@@ -569,9 +615,24 @@ FAMILY_MODELS = {
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
     "stablelm": "StableLmForCausalLM", "falcon": "FalconForCausalLM", "gpt2": "GPT2LMHeadModel",
-    "olmo2": "Olmo2ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+    "olmo3": "Olmo3ForCausalLM", "ministral": "MinistralForCausalLM",
 }
 _BUILT: dict[str, type] = {}
+
+
+def _register_weight_conversions(family: str) -> None:
+    """transformers converts some families' stored tensors on load (Mixtral's and Qwen3-MoE's per-expert weights
+    into fused expert tensors), looked up by model_type — and never for remote code unless registered. The
+    differential model stores the source's tensors as they are, so it registers the stock family's conversions under
+    its own model_type: loading (and save_pretrained, which reverses them) behaves as for the stock class, with the
+    conversions of the transformers release installed."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    mapping = get_checkpoint_conversion_mapping(family)
+    if mapping:
+        register_checkpoint_conversion_mapping(f"netmorph_diff_{family}", mapping, overwrite=True)
 
 
 def model_class_name(family: str) -> str:
@@ -595,7 +656,9 @@ def family_model_class(family: str) -> type:
 
     def _init_weights(self, module):
         stock_class._init_weights(self, module)
-        _init_differential(module, self.config.lambda_std)
+        _init_differential(module, self.config.lambda_std, getattr(self.config, "initializer_range", 0.02))
+
+    _register_weight_conversions(family)
 
     _BUILT[name] = type(name, (stock_class,), {
         "__init__": __init__, "_init_weights": _init_weights, "config_class": family_config_class(family),

@@ -139,6 +139,17 @@ def head_placement(heads: int, kv_heads: int, new_heads: int, new_kv_heads: int)
     return query_positions, kv_sources
 
 
+def place_head_values(values: torch.Tensor, heads: int, kv_heads: int, new_heads: int, new_kv_heads: int,
+                      fill: float = 0.0) -> torch.Tensor:
+    """A per-query-head vector (H,) — GPT-OSS's sink logits — for H′ heads: each old head's value moves with the
+    head (`head_placement`), new heads get `fill`. A new head writes through zero o_proj columns, and each head's
+    softmax (sink column included) is its own, so the new heads' values change no existing output."""
+    positions, _ = head_placement(heads, kv_heads, new_heads, new_kv_heads)
+    placed = torch.full((new_heads,), fill, dtype=values.dtype, device=values.device)
+    placed[positions] = values
+    return placed
+
+
 def regroup_heads(
     layer: dict, heads: int, kv_heads: int, head_dim: int, new_heads: int, new_kv_heads: int,
     generator: torch.Generator, init_std: float | None = None, full_width_k_norm: bool = False,

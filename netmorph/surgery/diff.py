@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from netmorph.arch import ArchSpec, spec_for
+from netmorph.arch.families import FUSED_EXPERTS
 from netmorph.arch.layer_view import LayerView
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import TensorReader
@@ -126,10 +127,7 @@ def attention_features(config, spec: ArchSpec) -> dict:
     and install_differential_attention), from the source config and the family spec."""
     heads, num_kv, head_dim = head_counts(config, spec)
     layers = range(config.num_hidden_layers)
-    if spec.attention_scale == "query_pre_attn_scalar":
-        base_scale = config.query_pre_attn_scalar**-0.5
-    else:
-        base_scale = head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+    base_scale = spec.attention_scaling(config, head_dim)
     by_layer_index = bool(spec.layer_index_scaling_field and getattr(config, spec.layer_index_scaling_field, False))
     window = getattr(config, "sliding_window", None)
     return {
@@ -145,6 +143,9 @@ def attention_features(config, spec: ArchSpec) -> dict:
         "scaling": [base_scale / (i + 1) if by_layer_index else base_scale for i in layers],
         "softcap": getattr(config, "attn_logit_softcapping", None),
         "sliding_windows": [window if kind == "sliding_attention" else None for kind in spec.layer_types(config)],
+        "rope_layers": spec.rope_layers(config),
+        "rotary_halves": spec.rotary_halves,
+        "sinks": bool(spec.sinks),
         "norm_eps": getattr(config, spec.eps_field),
         "is_causal": not getattr(config, "use_bidirectional_attention", False),
         "attention_dropout": float(getattr(config, spec.attention_dropout_field, 0.0) or 0.0)
@@ -186,6 +187,8 @@ def stream_attention_layers(reader: TensorReader, config, spec: ArchSpec, writer
         if role in spec.tensors
         for kind in ("weight", "bias")
     }
+    if spec.sinks:  # GPT-OSS: the per-head sink logits are converted with the layer (see `sink_tensor`)
+        attention_names.update({spec.attention_key(i, spec.sinks): i for i in range(config.num_hidden_layers)})
     done_layers = set()
     for name in reader.keys():
         name_out = spec.module_name(name)
@@ -224,6 +227,24 @@ def read_attention(reader: TensorReader, config, spec: ArchSpec, layer_idx: int)
             for kind in ("weight", "bias") for role in "qkvo" if f"{role}.{kind}" in layer}
 
 
+def sink_tensor(sinks: torch.Tensor, layout: str) -> torch.Tensor:
+    """GPT-OSS's learned per-head sink logits (H,) for the differential layouts. A sink is one more softmax column
+    per query head, with no value: it takes probability mass away from the keys. Each component of a differential
+    head is its own softmax, so each gets a sink:
+    - "doubled": (2H,) — the positive heads keep the source's sinks (so the positive map is the source's attention
+      exactly), the negative heads start with copies of them (a learned logit like the others; at mix = 0 the
+      negative map is multiplied by λ = 0, so its sink cannot change the output);
+    - "v2": (2H,) — query heads 2j and 2j + 1 both copy source head j, so both copy its sink: both heads compute the
+      source head's output a, and 2·(a − 0.5·a) = a holds with the sink inside a;
+    - "split": (H,) unchanged — heads [0, H/2) are the positive component with their own sinks, [H/2, H) the
+      negative one (approximate, like the split layout itself)."""
+    if layout == "doubled":
+        return torch.cat([sinks, sinks.clone()])
+    if layout == "v2":
+        return sinks.repeat_interleave(2)
+    return sinks.clone()
+
+
 def convert_layer(
     reader: TensorReader, config, spec: ArchSpec, recipe: DiffAttentionRecipe, layer_idx: int, seed: int
 ) -> dict[str, torch.Tensor]:
@@ -236,6 +257,15 @@ def convert_layer(
     # One generator per layer: the bytes of a layer do not depend on which other layers exist or their order.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
     converted = convert_attention_tensors(attn, layer_idx, heads, head_dim, recipe, generator)
+    if spec.sinks:
+        key = spec.attention_key(layer_idx, spec.sinks)
+        if key not in reader:
+            raise NetmorphError(f"the checkpoint has no {key}: it is incomplete or not a {spec.model_type} model")
+        sinks = reader.get(key)
+        if tuple(sinks.shape) != (heads,):
+            raise NetmorphError(f"{key} has shape {tuple(sinks.shape)} but config.json implies ({heads},): the "
+                                "weights and config.json do not belong together")
+        converted[spec.sinks] = sink_tensor(sinks, recipe.layout)
     log.debug("layer %d: attention → differential (%s layout, negative init %s)", layer_idx, recipe.layout, recipe.negative_init)
     return {spec.attention_key(layer_idx, name): tensor for name, tensor in converted.items()}
 
@@ -314,6 +344,10 @@ class DiffSurgery(Surgery):
     def exact(self) -> bool:
         """`options.exact`: False with --split-heads or --sublayer-norm."""
         return self.options.exact
+
+    def layerwise_refusal(self) -> str | None:
+        """Refused for families whose experts transformers fuses on load (layer-wise loads modules by stored name)."""
+        return FUSED_EXPERTS if self.spec.experts_fused_on_load else None
 
     def stream(self, reader: TensorReader, writer) -> None:
         """Every tensor to `writer`, each layer's attention converted by `convert_tensors`."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from netmorph.arch import ArchSpec, spec_for
-from netmorph.arch.families import GROW_DIMS
+from netmorph.arch.families import FUSED_EXPERTS, GROW_DIMS
 from netmorph.arch.layer_view import LayerView
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import MetaReader, TensorReader
@@ -280,6 +280,12 @@ def plan_growth(config, spec: ArchSpec, options: GrowOptions) -> GrowthPlan:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         updates["layer_types"] = [layer_types[i] for i, _ in order]
+    if spec.no_rope_field and getattr(config, spec.no_rope_field, None):  # SmolLM3: NoPE layers stay NoPE
+        updates[spec.no_rope_field] = [getattr(config, spec.no_rope_field)[i] for i, _ in order]
+    if spec.dense_mlp_layers:  # Qwen3-MoE: every output layer keeps its source layer's MLP kind, listed by index
+        dense = set(spec.dense_layers(config))
+        updates[spec.dense_mlp_layers[0]] = [out for out, (i, _) in enumerate(order) if i in dense]
+        updates[spec.dense_mlp_layers[1]] = 1
     return GrowthPlan(spec, source, target, order, rotary_dims, updates, _layer_index_q_scales(spec, config, order))
 
 
@@ -317,17 +323,40 @@ def layer_view(spec: ArchSpec, dims: Dims) -> LayerView:
 
 def read_layer(reader: TensorReader, spec: ArchSpec, layer_idx: int, names: list[str], dims: Dims):
     """Canonical float64 tensors of one layer (fused layouts split, Conv1D transposed; netmorph/arch/layer_view.py),
-    plus the tensors of no known role by their name under the layer prefix. Raises NetmorphError for an absent
-    weight or a shape config.json does not imply."""
+    plus the tensors of no known role (mixture-of-experts blocks, GPT-OSS sinks) by their name under the layer
+    prefix. Raises NetmorphError for an absent weight or a shape config.json does not imply."""
     view = layer_view(spec, dims)
     layer, extras = view.read(reader, layer_idx, dtype=ops.DTYPE, names=names)
-    view.require(layer, ("q", "k", "v", "o", "up", "down"), layer_idx)
-    view.check_shapes(layer, {"q.weight": (dims.heads * dims.head_dim, dims.hidden),
-                              "k.weight": (dims.kv_heads * dims.head_dim, dims.hidden),
-                              "o.weight": (dims.hidden, dims.heads * dims.head_dim),
-                              "up.weight": (dims.intermediate, dims.hidden),
-                              "down.weight": (dims.hidden, dims.intermediate)}, layer_idx)
+    moe = any(is_moe_tensor(spec, name) for name in extras)  # a mixture-of-experts layer has no dense MLP
+    view.require(layer, ("q", "k", "v", "o") + (() if moe else ("up", "down")), layer_idx)
+    expected = {"q.weight": (dims.heads * dims.head_dim, dims.hidden),
+                "k.weight": (dims.kv_heads * dims.head_dim, dims.hidden),
+                "o.weight": (dims.hidden, dims.heads * dims.head_dim)}
+    if not moe:
+        expected.update({"up.weight": (dims.intermediate, dims.hidden), "down.weight": (dims.hidden, dims.intermediate)})
+    view.check_shapes(layer, expected, layer_idx)
     return layer, extras
+
+
+def is_moe_tensor(spec: ArchSpec, suffix: str) -> bool:
+    """Is the layer tensor (name under the layer prefix) part of a mixture-of-experts block (router, experts)?"""
+    return any(re.fullmatch(pattern, suffix) for pattern in spec.moe_tensors)
+
+
+def grow_extras(extras: dict, plan: GrowthPlan, is_new: bool) -> dict:
+    """The layer tensors that are not roles: mixture-of-experts blocks pass through, except that a new layer's
+    experts write nothing (their down projections and biases zero: the routed sum is then zero whatever the router
+    picks); GPT-OSS's per-head sinks (one logit per query head, shape (H,)) follow their heads."""
+    spec, s, t = plan.spec, plan.source, plan.target
+    grown = {}
+    for suffix, tensor in extras.items():
+        if is_new and any(re.fullmatch(pattern, suffix) for pattern in spec.moe_writers):
+            tensor = torch.zeros_like(tensor)
+        elif spec.sinks and suffix == spec.attention_prefix + spec.sinks and (s.heads, s.kv_heads) != (t.heads,
+                                                                                                       t.kv_heads):
+            tensor = ops.place_head_values(tensor, s.heads, s.kv_heads, t.heads, t.kv_heads)
+        grown[suffix] = tensor
+    return grown
 
 
 def write_layer(layer: dict, extras: dict, spec: ArchSpec, layer_idx: int, dims: Dims, dtype, writer) -> None:
@@ -453,9 +482,12 @@ def grow_tensors(reader: TensorReader, plan: GrowthPlan, tied: bool, writer, opt
         if source_idx != cached_idx:
             cached_idx, cached = source_idx, read_layer(reader, spec, source_idx, names, plan.source)
         layer, extras = cached
-        if extras and plan.attention_changes:
-            raise NetmorphError(f"layer {source_idx} holds {next(iter(extras))}, which netmorph cannot grow with "
+        unknown = [name for name in extras if not is_moe_tensor(spec, name)
+                   and not (spec.sinks and name == spec.attention_prefix + spec.sinks)]
+        if unknown and plan.attention_changes:
+            raise NetmorphError(f"layer {source_idx} holds {unknown[0]}, which netmorph cannot grow with "
                                 f"heads/head_dim/hidden: grow {_flag('num_layers')} or {_flag('intermediate_size')} only")
+        extras = grow_extras(extras, plan, is_new)
         dtype = options.output_dtype or reader.describe(names[0]).dtype
         # One generator per output layer: its bytes do not depend on the other layers.
         generator = torch.Generator().manual_seed(base_seed + out_idx)
@@ -532,7 +564,9 @@ class GrowSurgery(Surgery):
 
     def layerwise_refusal(self) -> str | None:
         """Refused when the depth or the hidden size changes (layer i is compared with layer i, on hidden states of
-        one width)."""
+        one width), and for families whose experts transformers fuses on load (modules are loaded by stored name)."""
+        if self.spec.experts_fused_on_load:
+            return FUSED_EXPERTS
         s, t = self.plan.source, self.plan.target
         if (s.layers, s.hidden) != (t.layers, t.hidden):
             return "it changes the depth or the hidden size, and layer-wise verification compares layer i with layer i"

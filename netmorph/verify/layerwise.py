@@ -262,7 +262,7 @@ class LayerByLayer:
     @torch.no_grad()
     def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
         """(T, D) → fp32 logits (T, vocab), converting the (vocab, D) weight to fp32 a block of rows at a time
-        (and Gemma 2/3's final logit soft-capping)."""
+        (and Gemma 2/3's final logit soft-capping, Granite's logits_scaling)."""
         weight = self.read(self.tensor_name(self.model.get_output_embeddings(), "weight"))
         logits = torch.empty(normed.shape[0], weight.shape[0])
         for start in range(0, weight.shape[0], LM_HEAD_ROWS_PER_CHUNK):
@@ -273,6 +273,8 @@ class LayerByLayer:
             logits += self.reader.get(bias_name).float()
         if (cap := getattr(self.config, "final_logit_softcapping", None)) is not None:
             logits = torch.tanh(logits / cap) * cap
+        if (scaling := getattr(self.config, "logits_scaling", None)) is not None:  # Granite divides the logits
+            logits = logits / scaling
         return logits
 
 
