@@ -41,8 +41,7 @@ BF16_TIE_GAP = 0.1
 # models (flat distributions, where bf16 rounding weighs most).
 BF16_LOGPROB_BOUND = 0.25
 NEW_TOKENS = 24
-# Different lengths, so vLLM batches requests of several lengths through its paged cache (block size 16 on CPU:
-# 1 to 4 blocks).
+# Different lengths, so vLLM batches requests of several lengths through its paged KV cache.
 PROMPT_LENGTHS = (5, 17, 33, 61)
 WORKER_TIMEOUT = 600
 

@@ -26,8 +26,9 @@ The V1 choice, per layout, by KV-cache memory and compute (the two mappings the 
 zero-padded 2d-wide heads, and one attention per component):
 - split: its value heads are 2d wide anyway ([v_g ‖ v_{g+G/2}]), so padding the queries to 2d ([q1, 0] and [0, q2])
   over keys [k1 ‖ k2] costs no cache: G/2 heads of 2d keys and values = the source's cache (1×), with QK and PV work
-  2× a source layer (half the QK products multiply zeros). One attention per component would store the value twice
-  (each component's cache holds the 2d-wide value: 2×) for the same FLOPs, in two kernel calls.
+  2× a source layer (half the QK products multiply zeros). One attention per component caches each component's keys
+  and the shared 2d-wide value again: 2 × (G/2·d + G/2·2d) = 1.5× where a backend takes a value wider than the key,
+  2× on CPU (K and V of one head size: one call per value half), for the same FLOPs in two or four kernel calls.
 - doubled: K1 and K2 are distinct d-wide heads over one d-wide V. Zero padding to 2d would need 2d-wide value heads
   on CPU (vLLM's CPU cache stores K and V with one head size): G·2d keys + G·2d values = 2× cache at 4× the QK and PV
   FLOPs of the source. One attention per component is 2× cache at 2× FLOPs — and is what is used here, fused into one
