@@ -31,7 +31,7 @@ def offline(job: dict) -> dict:
     results = {"plugin": plugin.__file__}
     for dtype in job["dtypes"]:
         started = time.perf_counter()
-        llm = LLM(model=job["model"], dtype=dtype, enforce_eager=True, max_model_len=job["max_model_len"],
+        llm = LLM(model=job["model"], dtype=dtype, enforce_eager=job.get("enforce_eager", True), max_model_len=job["max_model_len"],
                   gpu_memory_utilization=0.1, distributed_executor_backend="uni", skip_tokenizer_init=True,
                   seed=0, max_num_seqs=len(job["prompts"]))
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=0, ignore_eos=True)
