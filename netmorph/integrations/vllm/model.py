@@ -56,7 +56,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from netmorph.integrations.vllm import LAYOUTS, SERVED_FAMILIES, check_servable  # noqa: F401
+from netmorph.integrations.vllm import check_servable
 from netmorph.modeling.modeling_netmorph_diff import AttentionFeatures
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,6 +138,8 @@ class NetmorphDiffVllmAttention(nn.Module):
                                    + self.lambda_init.float())
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Differential attention of a flattened batch: positions [tokens] (int64), hidden_states [tokens, hidden]
+        → [tokens, hidden], through one vLLM `Attention` (paged KV cache) per layer in the layout's mapping."""
         tokens, d = hidden_states.shape[0], self.head_dim
         if self.layout == "v2":
             qkv, _ = self.qkv_proj(hidden_states)
