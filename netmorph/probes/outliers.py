@@ -43,12 +43,20 @@ def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     return centered.pow(4).mean(-1) / variance.pow(2) - 3.0
 
 
+def median(values: torch.Tensor) -> float:
+    """The median of a 1-D tensor, the mean of the two middle values for an even count (numpy's definition;
+    torch.median returns the lower one)."""
+    n = values.numel()
+    lower = values.kthvalue((n + 1) // 2).values
+    return lower.item() if n % 2 else (lower.double() + values.kthvalue(n // 2 + 1).values.double()).item() / 2
+
+
 def site_stats(x: torch.Tensor, top_k: int = 5) -> SiteStats:
     """Statistics of activations x (…, D): all leading dims are tokens, the last is channels."""
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     magnitude = flat.abs()
     max_abs = magnitude.max().item()
-    median_abs = magnitude.median().item()
+    median_abs = median(magnitude.flatten())
     per_channel = magnitude.amax(0)
     values, channels = per_channel.topk(min(top_k, per_channel.numel()))
     return SiteStats(
