@@ -37,7 +37,7 @@ compat: $(STAMP)
 	$(BIN)/python -m tests.compat
 
 lock: $(STAMP)
-	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|triton|nvidia-)' ) > constraints.tmp
+	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^((torch|triton)==|nvidia-)' ) > constraints.tmp
 	mv constraints.tmp constraints.txt
 
 # Mutation testing (mutmut 3, configured in pyproject.toml's [tool.mutmut]); about 15 minutes on 2 cores. Not part of
