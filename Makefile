@@ -6,7 +6,7 @@ STAMP := $(VENV)/.netmorph-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test compat install clean bench example lock mutation
+.PHONY: demo test compat install clean bench example experiment lock mutation
 
 install: $(STAMP)
 
@@ -56,3 +56,9 @@ bench: $(STAMP)
 
 example: $(STAMP)
 	$(BIN)/python examples/finetune_smollm2.py
+
+# Does differential attention help? The original SmolLM2-135M against V1 (λ = 0), V1 (paper λ_init, long warm-up),
+# DIFF V2 and a grown model, trained alike; losses, curves and every probe before and after (README, "Does it help?").
+# --size cpu: about an hour on 2 cores; on a GPU run `$(BIN)/python examples/value_experiment.py --size gpu`.
+experiment: $(STAMP)
+	$(BIN)/python examples/value_experiment.py --size cpu

@@ -55,7 +55,9 @@ def _print_result(result) -> None:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(format="%(message)s", level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
     logging.getLogger("netmorph").setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("transformers", "huggingface_hub", "urllib3"):
+    # torchao (the `probes` extra; transformers imports it whenever it is installed) logs a warning for each compiled
+    # extension its wheel holds for another Python or for CUDA, and torch logs deprecations of its registrations.
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 

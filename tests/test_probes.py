@@ -323,3 +323,18 @@ def test_probe_cli_errors(tmp_path, arguments, message):
     result = CliRunner().invoke(main, ["probe", str(source), "--out", str(tmp_path / "out"), *arguments])
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_report_json_round_trip(tmp_path):
+    from netmorph.probes import ProbeReport, ProbeSettings, probe_model, report_from_dict
+
+    source = save_tiny_model(tmp_path / "model", "llama", max_position_embeddings=512)
+    tokenizer = save_char_tokenizer(source)
+    from transformers import AutoTokenizer
+
+    settings = ProbeSettings(texts={"t": HAYSTACK}, sequence_len=32, max_blocks=1, lengths=(300,), depths=(0.5,),
+                             needles=2)
+    report = ProbeReport({}, [probe_model(load(source), AutoTokenizer.from_pretrained(str(tokenizer)), settings, "m")])
+    again = report_from_dict(json.loads(report.to_json()))
+    assert again.table() == report.table()
+    assert again.to_json() == report.to_json()

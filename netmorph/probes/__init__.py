@@ -60,6 +60,36 @@ class ProbeReport:
         return report_table(self)
 
 
+def report_from_dict(data: dict) -> ProbeReport:
+    """The ProbeReport a `probe.json` holds (`ProbeReport.to_dict()`), e.g. to plot several runs' probes together."""
+    from netmorph.probes.outliers import LayerOutliers, SiteStats
+    from netmorph.probes.quantization import QuantizationResult, QuantizationRow
+    from netmorph.probes.retrieval import RetrievalResult, TrialResult
+
+    def number(value):
+        return float(value) if isinstance(value, str) else value
+
+    models = []
+    for m in data["models"]:
+        outliers = None if m["outliers"] is None else [
+            LayerOutliers(o["layer"], *(SiteStats(**{k: number(v) if k != "top_channels" else v for k, v in o[site].items()})
+                                        for site in ("residual", "attention"))) for o in m["outliers"]]
+        retrieval = None
+        if m["retrieval"] is not None:
+            r = dict(m["retrieval"])
+            r["trials"] = [TrialResult(**t) for t in r["trials"]]
+            r["accuracy_by_length"] = {int(k): v for k, v in r["accuracy_by_length"].items()}
+            r["accuracy_by_depth"] = {float(k): v for k, v in r["accuracy_by_depth"].items()}
+            retrieval = RetrievalResult(**r)
+        quantization = None
+        if m["quantization"] is not None:
+            q = dict(m["quantization"])
+            q["rows"] = [QuantizationRow(**row) for row in q["rows"]]
+            quantization = QuantizationResult(**q)
+        models.append(ModelProbes(m["model"], m["differential"], outliers, retrieval, quantization))
+    return ProbeReport(data["settings"], models)
+
+
 def _finite(value):
     """JSON has no inf/NaN: they become strings."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -2,7 +2,7 @@
 
 Statistics (over all tokens of the probe text, fp32):
 - `max_over_median`: max |x| / median |x| over every token and channel — the paper's activation-outlier measure
-  (Ye et al. 2024, arXiv 2410.05258, §3.7 "Activation outliers analysis": top activation values against the median).
+  (Ye et al. 2024, arXiv 2410.05258, section "Activation Outliers Analysis": top activation values against the median).
 - `kurtosis`: excess kurtosis of each token's vector of channels (mean((x−μ)⁴)/σ⁴ − 3, so a Gaussian gives 0),
   averaged over tokens — the outlier measure of Bondarenko et al. 2023, "Quantizable Transformers" (arXiv
   2306.12929, §5, which reports it with scipy.stats.kurtosis's Fisher definition, the same as here).

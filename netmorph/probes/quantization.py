@@ -13,7 +13,7 @@
   −(2^(b−1) − 1), 2^(b−1) − 1)·s — the per-token activation quantization of LLM.int8() (Dettmers et al. 2022,
   arXiv 2208.07339) and SmoothQuant (Xiao et al. 2023, arXiv 2211.10438). One large outlier channel makes s large
   and rounds every other channel of that token to few levels, which is what the differential-attention paper's claim
-  about outliers (arXiv 2410.05258, §3.7) predicts this measures.
+  about outliers (arXiv 2410.05258, "Activation Outliers Analysis") predicts this measures.
 """
 
 import copy

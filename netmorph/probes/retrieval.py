@@ -1,7 +1,7 @@
 """Attention noise: synthetic multi-needle retrieval in real text, the Differential Transformer paper's measure.
 
-Ye et al. 2024 (arXiv 2410.05258), §3.4 "Key information retrieval": N needles "The magic number of CITY is NUMBER."
-are placed in a haystack at several depths and the model is asked for one of them; Table 3 of the same section
+Ye et al. 2024 (arXiv 2410.05258), section "Key Information Retrieval": N needles "The magic number of CITY is NUMBER."
+are placed in a haystack at several depths and the model is asked for one of them; a table in the same section
 reports how the attention of the question is split between the **answer span** (the needle's number) and the
 **noise context** (everything else). Here the haystack is real text, the answer is teacher-forced after the question,
 and a trial is correct when every answer token is the model's argmax (what greedy decoding would produce).
