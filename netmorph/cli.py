@@ -208,8 +208,8 @@ def probe_command(model, compare, out_dir, texts, probes, sequence_len, max_bloc
 
     Writes OUT/probe.json and OUT/probe.png and prints the tables (see README, "Does it help? netmorph probe").
     """
-    _setup_logging(False)
     settings = _probe_settings(texts, probes, sequence_len, max_blocks, lengths, depths, needles, seed)
+    _setup_logging(False)
     from netmorph.plot import plot_probes
     from netmorph.probes import probe
 

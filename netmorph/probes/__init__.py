@@ -11,8 +11,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from netmorph.errors import NetmorphError
 
 PROBES = ("outliers", "retrieval", "quantization")
@@ -101,7 +99,7 @@ def _finite(value):
     return value
 
 
-def probe_blocks(tokenizer, texts: dict[str, str], sequence_len: int, max_blocks: int) -> torch.Tensor:
+def probe_blocks(tokenizer, texts: dict[str, str], sequence_len: int, max_blocks: int):
     """(N, sequence_len) int64 token blocks of the texts (each followed by EOS), at most `max_blocks`."""
     from netmorph.train.data import pack
 
