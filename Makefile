@@ -6,7 +6,7 @@ STAMP := $(VENV)/.netmorph-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test compat install clean bench example lock mutation vllm-env
+.PHONY: demo test compat install clean bench example experiment lock mutation vllm-env
 
 install: $(STAMP)
 
@@ -58,7 +58,7 @@ compat: $(STAMP)
 	$(BIN)/python -m tests.compat
 
 lock: $(STAMP)
-	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|triton|nvidia-)' ) > constraints.tmp
+	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^((torch|triton)==|nvidia-)' ) > constraints.tmp
 	mv constraints.tmp constraints.txt
 
 # Mutation testing (mutmut 3, configured in pyproject.toml's [tool.mutmut]); about 15 minutes on 2 cores. Not part of
@@ -77,3 +77,9 @@ bench: $(STAMP)
 
 example: $(STAMP)
 	$(BIN)/python examples/finetune_smollm2.py
+
+# Does differential attention help? The original SmolLM2-135M against V1 (λ = 0), V1 (paper λ_init, long warm-up),
+# DIFF V2 and a grown model, trained alike; losses, curves and every probe before and after (README, "Does it help?").
+# --size cpu: about an hour on 2 cores; on a GPU run `$(BIN)/python examples/value_experiment.py --size gpu`.
+experiment: $(STAMP)
+	$(BIN)/python examples/value_experiment.py --size cpu

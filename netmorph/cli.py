@@ -67,7 +67,9 @@ def _print_result(result) -> None:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(format="%(message)s", level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
     logging.getLogger("netmorph").setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("transformers", "huggingface_hub", "urllib3"):
+    # torchao (the `probes` extra; transformers imports it whenever it is installed) logs a warning for each compiled
+    # extension its wheel holds for another Python or for CUDA, and torch logs deprecations of its registrations.
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
@@ -208,6 +210,68 @@ def evaluate_command(model, compare, dataset, field, sequence_len, max_blocks, b
 
     results = evaluate(model, str(dataset), compare, sequence_len, max_blocks, field, batch_size, trust_remote_code)
     click.echo(results_json(results) if as_json else results_table(results))
+
+
+@main.command("probe")
+@click.argument("model", required=False)
+@click.option("--compare", help="A second model (e.g. the original) probed on the same tokens.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("probe-output"), show_default=True,
+              help="Directory for probe.json and probe.png.")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Real text to probe on (repeatable). Default: license texts from /usr/share/common-licenses.")
+@click.option("--probes", default="outliers,retrieval,quantization", show_default=True,
+              help="Comma-separated subset of outliers, retrieval, quantization.")
+@click.option("--sequence-len", default=256, show_default=True, help="Tokens per block (outliers, quantization).")
+@click.option("--max-blocks", default=4, show_default=True, help="Blocks of text (outliers, quantization).")
+@click.option("--lengths", default="256,512,1024", show_default=True,
+              help="Retrieval context lengths in tokens (clipped to the model's context).")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, help="Depths of the asked needle (0..1).")
+@click.option("--needles", default=3, show_default=True, help="Needles per context (one is asked).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the needles' cities and numbers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that need their own model code.")
+def probe_command(model, compare, out_dir, texts, probes, sequence_len, max_blocks, lengths, depths, needles, seed,
+                  as_json, trust_remote_code):
+    """Activation outliers, attention noise in multi-needle retrieval, and quantization robustness of MODEL (model
+    dir, .gguf or training YAML; without MODEL the bundled SmolLM2-135M-Instruct), and of --compare on the same tokens.
+
+    Writes OUT/probe.json and OUT/probe.png and prints the tables (see README, "Does it help? netmorph probe").
+    """
+    settings = _probe_settings(texts, probes, sequence_len, max_blocks, lengths, depths, needles, seed)
+    _setup_logging(False)
+    from netmorph.plot import plot_probes
+    from netmorph.probes import probe
+
+    report = probe(model, compare, settings, trust_remote_code)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "probe.json").write_text(report.to_json())
+    png = plot_probes(report, out_dir / "probe.png")
+    click.echo(report.to_json() if as_json else report.table())
+    if not as_json:
+        click.echo(f"wrote {out_dir / 'probe.json'} and {png}")
+
+
+def _probe_settings(texts, probes, sequence_len, max_blocks, lengths, depths, needles, seed):
+    from netmorph.probes import PROBES, ProbeSettings
+
+    def numbers(text: str, kind, flag: str):
+        try:
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise NetmorphError(f"{flag} {text!r} is not a comma-separated list of numbers (example: {flag} 256,512)")
+
+    chosen = tuple(p.strip() for p in probes.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PROBES]
+    if unknown or not chosen:
+        raise NetmorphError(f"unknown probe {unknown[0] if unknown else probes!r}: choose from {', '.join(PROBES)}")
+    depth_values = numbers(depths, float, "--depths")
+    if any(not 0 <= d <= 1 for d in depth_values):
+        raise NetmorphError(f"--depths {depths}: every depth must be between 0 and 1")
+    if sequence_len < 2 or max_blocks < 1 or needles < 1:
+        raise NetmorphError("--sequence-len must be at least 2, --max-blocks and --needles at least 1")
+    return ProbeSettings(texts={p.name: p.read_text(errors="replace") for p in texts}, probes=chosen,
+                         sequence_len=sequence_len, max_blocks=max_blocks,
+                         lengths=numbers(lengths, int, "--lengths"), depths=depth_values, needles=needles, seed=seed)
 
 
 @main.group("plot", cls=_Group)

@@ -161,3 +161,50 @@ def attention_figure(model, tokenizer, prompt: str, layer: int, head: int | None
     which = f"head {head}" if head is not None else "mean over heads"
     figure.suptitle(f"layer {layer}, {which}: keys → (columns), queries ↓ (rows)")
     return figure
+
+
+def plot_probes(report, output: str | Path, size: tuple[float, float] = (14, 9)) -> Path:
+    """The probes of `netmorph probe` as one PNG of size × DPI pixels (`report`: a netmorph.probes.ProbeReport)."""
+    return _save(probes_figure(report, size), output)
+
+
+def probes_figure(report, size: tuple[float, float] = (14, 9)):
+    """Four axes: outlier ratio per layer, kurtosis per layer, attention mass on the answer span per layer
+    (differential models also their positive and negative maps), loss delta per quantization."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=size, dpi=DPI)
+    (ratio_axis, kurtosis_axis), (mass_axis, quant_axis) = axes
+    for m in report.models:
+        name = Path(m.model).name or m.model
+        if m.outliers:
+            layers = [o.layer for o in m.outliers]
+            line, = ratio_axis.plot(layers, [o.residual.max_over_median for o in m.outliers], "-", label=f"{name} residual")
+            ratio_axis.plot(layers, [o.attention.max_over_median for o in m.outliers], "--", color=line.get_color(),
+                            label=f"{name} attention out")
+            kurtosis_axis.plot(layers, [o.residual.kurtosis for o in m.outliers], "-", color=line.get_color(),
+                               label=f"{name} residual")
+            kurtosis_axis.plot(layers, [o.attention.kurtosis for o in m.outliers], "--", color=line.get_color(),
+                               label=f"{name} attention out")
+        if m.retrieval:
+            r = m.retrieval
+            line, = mass_axis.plot(range(len(r.answer_mass)), r.answer_mass, "-",
+                                   label=f"{name} (acc {r.accuracy:.2f})" + (" differential" if r.differential else ""))
+            if r.differential:
+                mass_axis.plot(r.components["positive_answer_mass"], ":", color=line.get_color(), label=f"{name} positive")
+                mass_axis.plot(r.components["negative_answer_mass"], "-.", color=line.get_color(), label=f"{name} negative")
+    ratio_axis.set_yscale("log")
+    _finish(ratio_axis, "max|x| / median|x| per layer", "layer", "ratio")
+    _finish(kurtosis_axis, "excess kurtosis per layer (mean over tokens)", "layer", "kurtosis")
+    _finish(mass_axis, "attention mass of the question on the answer span", "layer", "mass")
+    quantized = [m for m in report.models if m.quantization]
+    if quantized:
+        names = [row.name for row in quantized[0].quantization.rows]
+        width = 0.8 / len(quantized)
+        for k, m in enumerate(quantized):
+            quant_axis.bar([i + k * width for i in range(len(names))],
+                           [row.loss_delta for row in m.quantization.rows], width, label=Path(m.model).name or m.model)
+        quant_axis.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, fontsize="small")
+        quant_axis.set_yscale("symlog", linthresh=1e-3)
+    _finish(quant_axis, "loss delta after quantization (nats/token)", "", "Δloss")
+    figure.tight_layout()
+    return figure

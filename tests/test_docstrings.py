@@ -9,10 +9,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "netmorph"
 
 def test_every_public_definition_has_a_docstring():
     missing = []
+    definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
     for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
-                    and not node.name.startswith("_") and not ast.get_docstring(node):
+        module = ast.parse(path.read_text(encoding="utf-8"))
+        # module-level functions and classes, and the methods of those classes (helpers nested in a function are
+        # not public)
+        nodes = [node for node in module.body if isinstance(node, definitions)]
+        nodes += [member for node in nodes if isinstance(node, ast.ClassDef) for member in node.body
+                  if isinstance(member, definitions)]
+        for node in nodes:
+            if not node.name.startswith("_") and not ast.get_docstring(node):
                 missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
     assert not missing, "public definitions without a docstring:\n" + "\n".join(missing)
 
