@@ -34,6 +34,9 @@ class _Group(click.Group):
         except click.UsageError as e:
             command = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
             _fail(f"{e.format_message()} (see `{command} --help`)")
+        except OSError as e:  # a path the user gave that the file system refuses (a file where a folder goes, ...)
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or type(e).__name__}: choose another path")
 
 
 RENAMED_FLAGS = {"--zero-init": "--negative-init zero", "--mirror-weights": "--negative-init mirror",
@@ -150,7 +153,7 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
 
 @main.command("train")
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--max-steps", type=int, help="Override max_steps of the YAML.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Override max_steps of the YAML.")
 @click.option("--output-dir", "-o", help="Override output_dir of the YAML.")
 @click.option("--resume/--no-resume", default=None,
               help="Resume from the newest checkpoint in output_dir (default: the YAML's resume_from_checkpoint).")
@@ -180,7 +183,11 @@ def train_command(config, max_steps, output_dir, resume, no_progress):
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--output-dir", "-o", required=True, type=click.Path(path_type=Path), help="Where to write the checkpoint.")
-def consolidate_command(config, checkpoint, output_dir):
+@click.option("--allow-pickle", is_flag=True,
+              help="Load the checkpoint's .metadata, a pickle (torch.distributed.checkpoint's format): only for a "
+                   "checkpoint you trust.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def consolidate_command(config, checkpoint, output_dir, allow_pickle, force):
     """Merge the sharded FSDP model of CHECKPOINT (a checkpoint-N folder of `netmorph train CONFIG` run with
     fsdp_config.state_dict_type SHARDED_STATE_DICT) into a normal safetensors checkpoint with config, tokenizer and
     modeling code (loadable with trust_remote_code=True; `netmorph verify` compares it with another model).
@@ -188,7 +195,7 @@ def consolidate_command(config, checkpoint, output_dir):
     _setup_logging(False)
     from netmorph.train.consolidate import consolidate
 
-    click.echo(f"wrote {consolidate(config, checkpoint, output_dir)}")
+    click.echo(f"wrote {consolidate(config, checkpoint, output_dir, allow_pickle=allow_pickle, force=force)}")
 
 
 @main.command("evaluate")

@@ -91,7 +91,7 @@ class ConvertOptions(CheckpointOptions):
             for old, mode in (("zero_init", "zero"), ("mirror_weights", "mirror")):
                 if values.get(old):
                     raise ValueError(f"{old} was replaced by negative_init: use --negative-init {mode} "
-                                     f"(YAML: negative_init: {mode})")
+                                     f"(Python: ConvertOptions(negative_init=\"{mode}\"))")
                 values = {k: v for k, v in values.items() if k != old or v is None}
         return values
 

@@ -9,6 +9,7 @@ Pickle checkpoints (`.bin`, `.pt`) are never loaded unless the user passes --all
 import functools
 import importlib.util
 import json
+import logging
 import pickle
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 
 from netmorph.errors import NetmorphError
 from netmorph.io.reader import SafetensorsReader, StateDictReader, TensorReader, check_gguf_file
+
+log = logging.getLogger(__name__)
 
 # Files of a source directory that a command does not carry to its output: weights (the command writes its own),
 # what it writes itself (config.json, generation_config.json, the model card, the training config.yml) and code.
@@ -109,7 +112,14 @@ class Source:
                 self._model.hf_quantizer = None
                 self._model.is_quantized = False
             self._model.eval()
-        self._model.set_attn_implementation(attn_implementation)
+        try:
+            self._model.set_attn_implementation(attn_implementation)
+        except ValueError as e:  # a family without that backend (GPT-OSS has no SDPA path: its sinks)
+            if attn_implementation != "sdpa":
+                raise NetmorphError(f"{self.description} cannot run with attention {attn_implementation!r}: "
+                                    f"{_first_line(e)[:160]}") from None
+            log.info("%s has no SDPA attention; using eager", self.description)
+            self._model.set_attn_implementation("eager")
         return self._model
 
     def _check_weight_files(self) -> list[Path]:

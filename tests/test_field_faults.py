@@ -379,3 +379,45 @@ def test_a_training_yaml_that_cannot_be_read_is_one_line(tmp_path):
     (tmp_path / "config.yml").mkdir()  # a directory where the YAML file should be
     code, output = run("train", tmp_path / "config.yml")
     assert code == 2 and output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
+
+
+# ── faults found by a newcomer's attack on the new commands ──────────────────────────────────────────────────────
+
+
+def one_error_line(code: int, output: str) -> bool:
+    lines = output.strip().splitlines()
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_probe_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    save_tiny_model(tmp_path / "small", "llama", vocab_size=50)  # the character tokenizer has 97 tokens
+    save_char_tokenizer(tmp_path / "small")
+    code, output = run("probe", tmp_path / "small", "--probes", "outliers", "--out", tmp_path / "out")
+    assert one_error_line(code, output) and "50 token embeddings but the tokenizer has" in output, output
+
+
+def test_a_path_the_file_system_refuses_is_one_line(tmp_path):
+    save_tiny_model(tmp_path / "tiny", "llama")
+    save_char_tokenizer(tmp_path / "tiny")
+    (tmp_path / "a-file").write_text("x")
+    code, output = run("probe", tmp_path / "tiny", "--probes", "outliers", "--sequence-len", 32, "--max-blocks", 1,
+                       "--out", tmp_path / "a-file")
+    assert one_error_line(code, output) and "a-file" in output, output
+
+
+def test_train_max_steps_must_be_positive(tmp_path):
+    for steps in ("0", "-1"):
+        code, output = run("train", tmp_path / "config.yml", "--max-steps", steps)
+        assert one_error_line(code, output) and "--max-steps" in output, output
+
+
+def test_a_family_without_sdpa_is_evaluated_with_eager_attention(tmp_path):
+    """GPT-OSS has no SDPA path (its sinks): evaluate used to raise transformers' ValueError as a traceback."""
+    from netmorph.sources import default_text_files
+
+    source = save_family_model(tmp_path / "gpt_oss", "gpt_oss", vocab_size=97)
+    save_char_tokenizer(source)
+    code, output = run("evaluate", source, "--dataset", default_text_files()[0], "--sequence-len", 32,
+                       "--max-blocks", 2, "--json")
+    assert code == 0, output
+    assert json.loads(output)["results"][0]["loss"] > 0

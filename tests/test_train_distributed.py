@@ -196,10 +196,17 @@ def test_a_sharded_checkpoint_consolidates_into_a_loadable_checkpoint(models, v1
     equals the final model; `netmorph verify` accepts it against the one-process run, and stock transformers loads
     it with trust_remote_code=True without netmorph."""
     config, fsdp = v1_fsdp
+    refused = CliRunner().invoke(main, ["consolidate", str(config), str(fsdp / "checkpoint-2"), "-o",
+                                        str(models / "merged-refused")], catch_exceptions=False)
+    assert refused.exit_code == 2 and "is a pickle file" in refused.output and "--allow-pickle" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (models / "merged-refused").exists()
     for step in (2, 4):
         result = CliRunner().invoke(main, ["consolidate", str(config), str(fsdp / f"checkpoint-{step}"), "-o",
-                                           str(models / f"merged-{step}")], catch_exceptions=False)
+                                           str(models / f"merged-{step}"), "--allow-pickle"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+    taken = CliRunner().invoke(main, ["consolidate", str(config), str(fsdp / "checkpoint-2"), "-o",
+                                      str(models / "merged-2"), "--allow-pickle"], catch_exceptions=False)
+    assert taken.exit_code == 2 and "is not empty: pass --force" in taken.output
     unsharded = CliRunner().invoke(main, ["consolidate", str(config), str(v1_reference / "checkpoint-2"), "-o",
                                           str(models / "merged-unsharded")])
     assert unsharded.exit_code == 2 and "holds no sharded FSDP model" in unsharded.output

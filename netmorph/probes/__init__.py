@@ -159,6 +159,12 @@ def probe(model: str | None, compare: str | None = None, settings: ProbeSettings
     tokenizer = sources[0].load_tokenizer()
     if compare:
         _check_same_vocab(tokenizer, sources[1], model or "the bundled model", compare)
+    for name, source in zip(names, sources):
+        vocab = getattr(source.config, "vocab_size", None) or getattr(getattr(source.config, "text_config", None),
+                                                                       "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise NetmorphError(f"{name or 'the bundled model'} has {vocab} token embeddings but the tokenizer has "
+                                f"{len(tokenizer)} tokens: pass a model whose tokenizer belongs to it")
     limit = context_length(*(s.config for s in sources))
     if limit is not None:
         fitting = tuple(n for n in settings.lengths if n <= limit)
