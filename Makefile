@@ -61,7 +61,7 @@ lock: $(STAMP)
 	( sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^((torch|triton)==|nvidia-)' ) > constraints.tmp
 	mv constraints.tmp constraints.txt
 
-# Mutation testing (mutmut 3, configured in pyproject.toml's [tool.mutmut]); about 15 minutes on 2 cores. Not part of
+# Mutation testing (mutmut 3, configured in pyproject.toml's [tool.mutmut]); slow: 4–25 mutants a minute on 2 shared cores (BENCHMARKS.md). Not part of
 # `make test`: the scores and the surviving mutants' classes are recorded in BENCHMARKS.md.
 mutation: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
