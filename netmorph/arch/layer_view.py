@@ -57,11 +57,17 @@ class LayerView:
         """Whether q/k/v are stored as one fused tensor (one name in `qkv_names`, or the family's "qkv" role)."""
         return "qkv" in self.roles.values()
 
+    def stored_role(self, role: str) -> str:
+        """The role of the stored tensor that holds a canonical role: "qkv" / "gate_up" for a fused one, else itself."""
+        if role in ("q", "k", "v") and self.fused_qkv:
+            return "qkv"
+        if role in ("gate", "up") and "gate_up" in self.spec.tensors:
+            return "gate_up"
+        return role
+
     def stored_name(self, layer_idx: int, role: str, kind: str) -> str:
         """The full stored name of a canonical role's tensor (the fused tensor's name for a fused role)."""
-        stored_role = {"q": "qkv", "k": "qkv", "v": "qkv"}.get(role, role) if self.fused_qkv else role
-        if stored_role in ("gate", "up") and "gate_up" in self.spec.tensors:
-            stored_role = "gate_up"
+        stored_role = self.stored_role(role)
         suffix = next(name for name, r in self.roles.items() if r == stored_role)
         return f"{self.spec.layer_prefix.format(i=layer_idx)}{suffix}.{kind}"
 
@@ -130,13 +136,9 @@ class LayerView:
             if key in layer and tuple(layer[key].shape) != shape:
                 role, kind = key.split(".")
                 name = self.stored_name(layer_idx, role, kind)
-                what = f"{name} holds a {role} part that" if name != self._unfused_name(layer_idx, role, kind) else name
+                what = f"{name} holds a {role} part that" if self.stored_role(role) != role else name
                 raise NetmorphError(f"{what} has shape {tuple(layer[key].shape)} but config.json implies {shape}: "
                                     f"{MISMATCH}")
-
-    def _unfused_name(self, layer_idx: int, role: str, kind: str) -> str:
-        suffix = next((name for name, r in self.roles.items() if r == role), None)
-        return f"{self.spec.layer_prefix.format(i=layer_idx)}{suffix}.{kind}"
 
     def _canonical(self, stored: dict[str, torch.Tensor], layer_idx: int) -> dict[str, torch.Tensor]:
         layer = {key: self._oriented(key, tensor) for key, tensor in stored.items()}
