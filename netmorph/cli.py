@@ -1,6 +1,7 @@
 """The `netmorph` command line: one click command per verb; options come from pydantic models."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -251,8 +252,17 @@ def probe_command(model, compare, out_dir, texts, probes, sequence_len, max_bloc
 
     report = probe(model, compare, settings, trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "probe.json").write_text(report.to_json())
-    png = plot_probes(report, out_dir / "probe.png")
+    # Both files are written beside their final names and renamed only once both exist: a failure (disk full, a
+    # plotting error, Ctrl-C) leaves the folder's earlier probe.json/probe.png, never a new one without the other.
+    json_tmp, png_tmp = out_dir / f".probe.json.{os.getpid()}.tmp", out_dir / f".probe.{os.getpid()}.tmp.png"
+    try:
+        json_tmp.write_text(report.to_json())
+        plot_probes(report, png_tmp)
+        os.replace(json_tmp, out_dir / "probe.json")
+        os.replace(png_tmp, png := out_dir / "probe.png")
+    finally:
+        json_tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
     click.echo(report.to_json() if as_json else report.table())
     if not as_json:
         click.echo(f"wrote {out_dir / 'probe.json'} and {png}")

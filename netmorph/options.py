@@ -73,7 +73,7 @@ class ConvertOptions(CheckpointOptions):
     """Options of `netmorph convert-diff-transformer`."""
 
     negative_init: Literal["normal", "zero", "mirror"] = Field("normal", description="Init of the new negative q/k (all exact while mix=0). normal: small zero-mean normal (--negative-std). zero: zeros (but zero q2 AND zero k2 is a saddle: neither gets a gradient). mirror: copies of the positive q/k.")
-    negative_std: float = Field(0.02, gt=0, description="Std of the small zero-mean normal init of the negative q/k (default mode).")
+    negative_std: float = Field(0.02, gt=0, description="Std of the small zero-mean normal init of the negative q/k (--negative-init normal, the default; refused with the other inits).")
     split_heads: bool = Field(False, description="Use half of the existing heads as the negative component (approximate; needs even head counts).")
     sublayer_norm: bool = Field(False, description="Add the paper's per-head RMSNorm before o_proj (approximate).")
     lambda_start: Literal["paper", "zero"] = Field("paper", description="paper: λ_init=0.8−0.6·exp(−0.3·l), random λ vectors. zero: λ is exactly 0 at any mix yet trainable.")
@@ -113,6 +113,12 @@ class ConvertOptions(CheckpointOptions):
             if conflicting:
                 raise ValueError(f"{conflicting[0]} does not apply to --variant v2 (its negative heads are mirrored "
                                  "query heads and λ = sigmoid(lambda_proj(x))): drop it or drop --variant v2")
+        if "negative_std" in self.model_fields_set and (self.negative_init != "normal" or self.variant == "v2"
+                                                       or self.split_heads):
+            used_by = ("--variant v2" if self.variant == "v2" else "--split-heads" if self.split_heads
+                       else f"--negative-init {self.negative_init}")
+            raise ValueError(f"--negative-std sets the std of --negative-init normal, which {used_by} does not use: "
+                             "drop --negative-std")
         if self.split_heads and self.negative_init != "normal":
             raise ValueError(f"--split-heads reuses existing heads as the negative component: drop --negative-init "
                              f"{self.negative_init}")
@@ -325,6 +331,12 @@ class TrainingYaml(DiffAttnArgs):
 
     @model_validator(mode="after")
     def _one_strategy(self):
+        if self.deepspeed is not None and not self.deepspeed:
+            raise ValueError(f"deepspeed is empty ({self.deepspeed!r}): point it at a DeepSpeed JSON file "
+                             "(examples/distributed/deepspeed_zero3.json) or drop the key")
+        if self.fsdp_version is not None and self.fsdp_config is None and not self.fsdp:
+            raise ValueError(f"fsdp_version {self.fsdp_version} without fsdp_config would train without FSDP: add "
+                             "fsdp_config (examples/distributed/fsdp2.yml) or drop fsdp_version")
         if self.deepspeed and (self.fsdp or self.fsdp_config):
             raise ValueError("deepspeed and fsdp_config conflict: choose one distributed strategy")
         if self.fsdp and not self.fsdp_config:

@@ -421,3 +421,61 @@ def test_a_family_without_sdpa_is_evaluated_with_eager_attention(tmp_path):
                        "--max-blocks", 2, "--json")
     assert code == 0, output
     assert json.loads(output)["results"][0]["loss"] > 0
+
+
+# ── options that were accepted and then ignored, and a probe write that could be half done ───────────────────────────
+
+
+@pytest.mark.parametrize("flags", [["--negative-init", "zero"], ["--negative-init", "mirror"], ["--variant", "v2"],
+                                   ["--split-heads"]])
+def test_negative_std_where_no_normal_init_is_drawn_is_refused(tiny_llama, tmp_path, flags):
+    code, output = run(CONVERT, tiny_llama, "--output-dir", tmp_path / "out", "--negative-std", "0.5", *flags)
+    assert one_error_line(code, output) and "--negative-std" in output and flags[0] in output, output
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_training_yaml(tmp_path, **keys) -> Path:
+    save_tiny_model(tmp_path / "tiny", "llama")
+    save_char_tokenizer(tmp_path / "tiny")
+    (tmp_path / "train.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    config = {"base_model": str(tmp_path / "tiny"), "datasets": [{"path": str(tmp_path / "train.txt")}],
+              "sequence_len": 32, "max_steps": 2, "output_dir": str(tmp_path / "run"), **keys}
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    return tmp_path / "config.yml"
+
+
+@pytest.mark.parametrize("keys,named", [({"deepspeed": ""}, "deepspeed is empty"), ({"deepspeed": {}}, "deepspeed is empty"),
+                                        ({"fsdp_version": 2}, "fsdp_version 2 without fsdp_config")])
+def test_a_distributed_key_that_would_train_plain_is_refused(tmp_path, keys, named):
+    code, output = run("train", tiny_training_yaml(tmp_path, **keys))
+    assert one_error_line(code, output) and named in output, output
+
+
+def test_resume_without_a_checkpoint_is_refused_before_training(tmp_path):
+    config = tiny_training_yaml(tmp_path)
+    code, output = run("train", config, "--resume")
+    assert one_error_line(code, output) and "no checkpoint-* folder" in output, output
+    assert not (tmp_path / "run").exists()
+    config.write_text(config.read_text() + f"resume_from_checkpoint: {tmp_path / 'run' / 'checkpoint-9'}\n")
+    code, output = run("train", config)
+    assert one_error_line(code, output) and "checkpoint-9 is not a checkpoint folder" in output, output
+
+
+def test_a_failed_probe_leaves_the_earlier_results_whole(tmp_path, monkeypatch):
+    import netmorph.plot
+
+    save_tiny_model(tmp_path / "tiny", "llama")
+    save_char_tokenizer(tmp_path / "tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "probe.json").write_text("earlier")
+
+    def broken_plot(report, output):
+        Path(output).write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(netmorph.plot, "plot_probes", broken_plot)
+    code, output = run("probe", tmp_path / "tiny", "--probes", "outliers", "--sequence-len", 32, "--max-blocks", 1,
+                       "--out", out)
+    assert one_error_line(code, output) and "No space left" in output, output
+    assert sorted(p.name for p in out.iterdir()) == ["probe.json"] and (out / "probe.json").read_text() == "earlier"

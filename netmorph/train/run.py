@@ -81,6 +81,17 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
         raise NetmorphError(f"{config_path}: no datasets: add `datasets: [{{path: FILE.txt, type: completion}}]`")
     if settings.val_set_size and settings.test_datasets:
         raise NetmorphError(f"{config_path}: val_set_size and test_datasets conflict: keep one of them")
+    checkpoint = resume if resume is not None else settings.resume_from_checkpoint
+    if checkpoint is None and settings.auto_resume_from_checkpoints:
+        checkpoint = True
+    if checkpoint is True and not any(out.glob("checkpoint-*")):
+        if resume is True:  # asked for on the command line: starting over instead would hide a wrong output_dir
+            raise NetmorphError(f"--resume: {out} holds no checkpoint-* folder to resume from: drop --resume to start "
+                                "fresh, or pass the output_dir of the run to continue")
+        checkpoint = None  # auto_resume_from_checkpoints with nothing saved yet: start fresh
+    if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().is_dir():
+        raise NetmorphError(f"{config_path}: resume_from_checkpoint {checkpoint} is not a checkpoint folder: point it "
+                            f"at a checkpoint-N folder of an earlier run, or drop it")
 
     precision = training_precision(settings, source, config_path)
     limit = context_length(source.config)
@@ -152,11 +163,6 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     if monitor is not None:
         monitor.trainer = trainer
 
-    checkpoint = resume if resume is not None else settings.resume_from_checkpoint
-    if checkpoint is None and settings.auto_resume_from_checkpoints:
-        checkpoint = True
-    if checkpoint is True and not any(out.glob("checkpoint-*")):
-        checkpoint = None  # nothing to resume yet: start fresh
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_blocks is not None else None
     if trainer.is_world_process_zero():
