@@ -137,7 +137,7 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
     from netmorph.sources import default_texts
     from netmorph.verify.compare import DEFAULT_PROMPTS, compare_models, load_pair
 
-    named = {p.name: p.read_text(errors="replace") for p in texts} or default_texts()
+    named = _read_texts(texts) or default_texts()
     if layerwise:
         from netmorph.verify.layerwise import compare_layerwise
 
@@ -268,6 +268,21 @@ def probe_command(model, compare, out_dir, texts, probes, sequence_len, max_bloc
         click.echo(f"wrote {out_dir / 'probe.json'} and {png}")
 
 
+def _read_texts(paths) -> dict[str, str]:
+    """{file name: text} of each --text FILE. Raises NetmorphError for a file that is not UTF-8 text (a model file
+    or an archive passed by mistake would otherwise be measured as text of replacement characters)."""
+    texts = {}
+    for path in paths:
+        try:
+            texts[path.name] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise NetmorphError(f"--text {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): "
+                                "pass a plain-text file") from None
+        if not texts[path.name].strip():
+            raise NetmorphError(f"--text {path} is empty: pass a file with text in it")
+    return texts
+
+
 def _probe_settings(texts, probes, sequence_len, max_blocks, lengths, depths, needles, seed):
     from netmorph.probes import PROBES, ProbeSettings
 
@@ -286,7 +301,7 @@ def _probe_settings(texts, probes, sequence_len, max_blocks, lengths, depths, ne
         raise NetmorphError(f"--depths {depths}: every depth must be between 0 and 1")
     if sequence_len < 2 or max_blocks < 1 or needles < 1:
         raise NetmorphError("--sequence-len must be at least 2, --max-blocks and --needles at least 1")
-    return ProbeSettings(texts={p.name: p.read_text(errors="replace") for p in texts}, probes=chosen,
+    return ProbeSettings(texts=_read_texts(texts), probes=chosen,
                          sequence_len=sequence_len, max_blocks=max_blocks,
                          lengths=numbers(lengths, int, "--lengths"), depths=depth_values, needles=needles, seed=seed)
 

@@ -479,3 +479,16 @@ def test_a_failed_probe_leaves_the_earlier_results_whole(tmp_path, monkeypatch):
                        "--out", out)
     assert one_error_line(code, output) and "No space left" in output, output
     assert sorted(p.name for p in out.iterdir()) == ["probe.json"] and (out / "probe.json").read_text() == "earlier"
+
+
+@pytest.mark.parametrize("command", ["verify", "probe"])
+@pytest.mark.parametrize("content,named", [(b"PK\x03\x04\xff\xfe binary", "is not UTF-8 text (byte 4 is 0xff)"),
+                                           (b"  \n", "is empty")])
+def test_a_text_file_that_is_not_text_is_refused(tmp_path, command, content, named):
+    """--text used to be read with errors="replace": an archive or a model file was measured as replacement characters."""
+    save_tiny_model(tmp_path / "tiny", "llama")
+    save_char_tokenizer(tmp_path / "tiny")
+    (tmp_path / "text.bin").write_bytes(content)
+    args = [tmp_path / "tiny"] * (2 if command == "verify" else 1)
+    code, output = run(command, *args, "--text", tmp_path / "text.bin")
+    assert one_error_line(code, output) and named in output and "text.bin" in output, output
