@@ -27,7 +27,7 @@ if _EXPECTED and transformers.__version__ != _EXPECTED:
     raise pytest.UsageError(f"the compat job asked for transformers {_EXPECTED}, but {transformers.__version__} was "
                             f"imported from {transformers.__file__}")
 
-from tests.helpers import save_tiny_model  # noqa: E402
+from tests.helpers import require_free_space, save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 # Static shapes for every compile: torch 2.13's dynamic-shape CPU FlexAttention template is the other suspect for
@@ -58,11 +58,7 @@ def smollm2_dir(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("smollm2")
-    free = shutil.disk_usage(directory).free
-    if free < REAL_MODEL_FREE_BYTES:
-        pytest.fail(f"{free / 2**30:.1f} GiB free under {directory.parent}; the real-model tests need "
-                    f"{REAL_MODEL_FREE_BYTES / 2**30:.0f} GiB: free space there or set TMPDIR to a larger disk",
-                    pytrace=False)
+    require_free_space(directory, REAL_MODEL_FREE_BYTES)
     source = resolve_source(None)
     gguf_model = source.load_model()
     config = gguf_model.config

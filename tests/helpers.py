@@ -1,7 +1,9 @@
 """Tiny random models of the stock transformers classes, built in code (no downloads)."""
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -92,3 +94,12 @@ def save_char_tokenizer(directory: Path) -> Path:
                                         bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def require_free_space(directory, needed: int) -> None:
+    """Fail at once, naming the fix, when the temp dir has less than `needed` bytes free (instead of test by test
+    with ENOSPC)."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        pytest.fail(f"{free / 2**30:.1f} GiB free under {directory.parent}; the real-model tests need "
+                    f"{needed / 2**30:.0f} GiB: free space there or set TMPDIR to a larger disk", pytrace=False)

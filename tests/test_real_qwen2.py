@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 from netmorph.options import GrowOptions
 from netmorph.sources import default_texts, resolve_source
 from netmorph.surgery.grow import grow
-from tests.helpers import convert
+from tests.helpers import convert, require_free_space
 from tests.real_models import qwen2_gguf
 
 pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("qwen2")]
@@ -30,6 +30,8 @@ TOKENS = 128  # of each licence text: 2 × 128 tokens through a 0.5B model on on
 PROMPTS = ["def fibonacci(n):", "The license grants you the right to", "Once upon a time"]
 NEW_TOKENS = 12
 VARIANTS = {"v1": {}, "v2": {"variant": "v2"}}
+# fp32 checkpoints kept at once: the dequantized source (2.0 GB), V1 and V2 (≈ 2.1 GB each), the grown model (≈ 2.9 GB)
+QWEN2_FREE_BYTES = 12 * 2**30
 GROWTH = dict(num_layers=28, new_layers_at="interleave", intermediate_size=5120, num_attention_heads=16,
               head_dim=80, hidden_size=1024)
 
@@ -37,6 +39,7 @@ GROWTH = dict(num_layers=28, new_layers_at="interleave", intermediate_size=5120,
 @pytest.fixture(scope="module")
 def qwen2_dir(module_tmp_path):
     """The GGUF dequantized to an fp32 safetensors directory with its tokenizer (the conversions' source)."""
+    require_free_space(module_tmp_path, QWEN2_FREE_BYTES)
     source = resolve_source(qwen2_gguf())
     assert source.config.model_type == "qwen2"
     dequantized = source.load_model()
