@@ -338,3 +338,35 @@ def test_report_json_round_trip(tmp_path):
     again = report_from_dict(json.loads(report.to_json()))
     assert again.table() == report.table()
     assert again.to_json() == report.to_json()
+
+
+def test_quantization_rows_say_which_share_of_the_weights_they_quantized():
+    """A dense model: every weight of its layers is in an nn.Linear (fraction 1). Mixtral: the experts are one 3-D
+    tensor per layer in transformers 5 and the router is its own module, so the rows quantize the attention only; the
+    fraction is checked against a count made here from the parameter names, and the table says it."""
+    from tests.family_models import family_config, classes
+
+    blocks = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
+    dense = quantization_probe(tiny_llama_model(seed=1), blocks, activation_bits=(8,))
+    assert [row.quantized_fraction for row in dense.rows] == [1.0, 1.0, 1.0]
+
+    torch.manual_seed(0)
+    _, model_class = classes("Mixtral")
+    moe = model_class(family_config("mixtral", vocab_size=97)).eval()
+    layer_weights = {name: p.numel() for name, p in moe.model.layers.named_parameters() if p.dim() >= 2}
+    assert any("experts" in name for name in layer_weights)
+    linear = sum(n for name, n in layer_weights.items() if "self_attn" in name)  # router and experts: not nn.Linear
+    result = quantization_probe(moe, blocks, activation_bits=(8,))
+    rows = {row.name: row for row in result.rows}
+    for name in ("weights int8", "activations 8-bit"):
+        assert rows[name].quantized_fraction == pytest.approx(linear / sum(layer_weights.values())), name
+        assert 0 < rows[name].quantized_fraction < 0.8
+    # no linear's input width (hidden 36, heads × head_dim) is a multiple of int4's group of 32: int4 changes nothing
+    assert rows["weights int4"].quantized_fraction == 0 and rows["weights int4"].quantized_linears == 0
+    assert rows["weights int4"].skipped_linears == 4 * moe.config.num_hidden_layers
+    from netmorph.probes import ModelProbes, ProbeReport
+
+    table = ProbeReport({}, [ModelProbes(model="moe", differential=False, quantization=result)]).table()
+    fraction = rows["weights int8"].quantized_fraction
+    assert f"weights int8 quantized {fraction:.0%} of the decoder layers' weights" in table
+    assert [line.split()[-2:] for line in table.splitlines() if line.startswith("weights int4")] == [["none", "quantized"]]

@@ -228,9 +228,18 @@ def report_table(report: ProbeReport) -> str:
                                                                             for m in models))
         lines.append(f"{'unquantized loss':<40}" + "".join(f" {m.quantization.loss:>18.5f}" for m in models))
         for index, row in enumerate(models[0].quantization.rows):
-            lines.append(f"{row.name:<40}" + "".join(f" {m.quantization.rows[index].loss_delta:>+18.5f}"
-                                                     for m in models))
+            lines.append(f"{row.name:<40}" + "".join(f" {_delta(m.quantization.rows[index]):>18}" for m in models))
+        partial = [(m, row) for m in models for row in m.quantization.rows if row.quantized_fraction < 1.0]
+        for m, row in partial:
+            lines.append(f"  {Path(m.model).name}: {row.name} quantized {row.quantized_fraction:.0%} of the decoder "
+                         f"layers' weights ({row.quantized_linears} linears; {row.skipped_linears} skipped, the rest "
+                         "outside nn.Linear, e.g. MoE experts)")
     return "\n".join(lines)
+
+
+def _delta(row) -> str:
+    """A quantization row's loss delta for the table; "none quantized" when the row changed no weight."""
+    return "none quantized" if row.quantized_fraction == 0 else f"{row.loss_delta:+.5f}"
 
 
 def _avg(values: list[float]) -> float:

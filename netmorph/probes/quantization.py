@@ -36,6 +36,9 @@ class QuantizationRow:
     loss_delta: float  # loss − the unquantized loss (nats per token)
     quantized_linears: int
     skipped_linears: int = 0
+    # Share of the decoder layers' weight elements (parameters with ≥ 2 dims) that the row quantized: below 1 when
+    # linears are skipped or weights live outside nn.Linear (MoE experts stored as one 3-D tensor per layer).
+    quantized_fraction: float = 1.0
 
 
 @dataclass
@@ -64,6 +67,14 @@ def layer_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
 
 
+def quantized_fraction(model: nn.Module, linears: list[nn.Linear]) -> float:
+    """Elements of the weights of `linears` over all weight elements (parameters with ≥ 2 dims) in the decoder
+    layers of `model`: 1.0 when every weight of the layers is in one of them. MoE experts stored as 3-D tensors
+    (Mixtral, Qwen3-MoE, GPT-OSS in transformers 5) are not nn.Linear and count against it."""
+    total = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters() if p.dim() >= 2)
+    return sum(linear.weight.numel() for linear in linears) / total if total else 0.0
+
+
 @torch.no_grad()
 def block_loss(model: nn.Module, blocks: torch.Tensor) -> tuple[float, int]:
     """Token-weighted mean next-token cross-entropy (nats) of `model` on (N, T) blocks, and the tokens predicted."""
@@ -84,9 +95,10 @@ def _torchao():
     return quantization, PerGroup
 
 
-def weight_quantized_copy(model: nn.Module, kind: str) -> tuple[nn.Module, int, int]:
+def weight_quantized_copy(model: nn.Module, kind: str) -> tuple[nn.Module, int, int, float]:
     """A deep copy of `model` with the decoder layers' linears quantized by torchao (`kind` "int8" or "int4", see
-    the module docstring); returns (copy, quantized linears, skipped linears)."""
+    the module docstring); returns (copy, quantized linears, skipped linears, quantized_fraction of the weights).
+    Raises ValueError for another `kind`, or without torchao."""
     quantization, PerGroup = _torchao()
     if kind == "int8":
         config, fits = quantization.Int8WeightOnlyConfig(), lambda linear: True
@@ -96,10 +108,12 @@ def weight_quantized_copy(model: nn.Module, kind: str) -> tuple[nn.Module, int, 
     else:
         raise ValueError(f"unknown weight quantization {kind!r}: int8 or int4")
     quantized = copy.deepcopy(model)
-    chosen = {id(module) for _, module in layer_linears(quantized) if fits(module)}
-    total = len(layer_linears(quantized))
-    quantization.quantize_(quantized, config, filter_fn=lambda module, fqn: id(module) in chosen)
-    return quantized, len(chosen), total - len(chosen)
+    linears = [module for _, module in layer_linears(quantized)]
+    chosen = [module for module in linears if fits(module)]
+    fraction = quantized_fraction(quantized, chosen)
+    ids = {id(module) for module in chosen}
+    quantization.quantize_(quantized, config, filter_fn=lambda module, fqn: id(module) in ids)
+    return quantized, len(chosen), len(linears) - len(chosen), fraction
 
 
 class activation_fake_quantization:
@@ -132,12 +146,13 @@ def quantization_probe(model: nn.Module, blocks: torch.Tensor, weight_kinds=("in
     base, tokens = block_loss(model, blocks)
     rows = []
     for kind in weight_kinds:
-        quantized, count, skipped = weight_quantized_copy(model, kind)
+        quantized, count, skipped, fraction = weight_quantized_copy(model, kind)
         loss, _ = block_loss(quantized, blocks)
         del quantized
-        rows.append(QuantizationRow(f"weights {kind}", loss, loss - base, count, skipped))
+        rows.append(QuantizationRow(f"weights {kind}", loss, loss - base, count, skipped, fraction))
     for bits in activation_bits:
         with activation_fake_quantization(model, bits) as context:
             loss, _ = block_loss(model, blocks)
-        rows.append(QuantizationRow(f"activations {bits}-bit", loss, loss - base, len(context.linears)))
+        rows.append(QuantizationRow(f"activations {bits}-bit", loss, loss - base, len(context.linears),
+                                    quantized_fraction=quantized_fraction(model, context.linears)))
     return QuantizationResult(base, tokens, rows)
