@@ -348,6 +348,22 @@ def test_converted_config_names_the_weights_dtype_not_the_first_header_entry(tmp
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
+def test_grown_config_names_the_weights_dtype_not_the_embeddings(tmp_path):
+    """grow read the dtype from the embedding alone: an fp32 embedding in a bf16 checkpoint made config.json say
+    float32. Each tensor keeps its own stored dtype (no --dtype), and the grown model stays exact."""
+    source = save_char_tokenizer(save_grow_source(tmp_path / "src", "llama"))
+    tensors = load_file(source / "model.safetensors")
+    tensors = {name: (t if name == "model.embed_tokens.weight" else t.to(torch.bfloat16)) for name, t in tensors.items()}
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    code, output = run("grow", source, "-o", tmp_path / "out", "--num-layers", 4)
+    assert code == 0, output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    grown = load_file(tmp_path / "out" / "model.safetensors")
+    assert grown["model.embed_tokens.weight"].dtype == torch.float32
+    assert {t.dtype for name, t in grown.items() if name != "model.embed_tokens.weight"} == {torch.bfloat16}
+
+
 def test_grow_of_an_untied_checkpoint_without_its_head_is_one_line(tmp_path):
     source = save_grow_source(tmp_path / "src", "llama", tie_word_embeddings=False)
     tensors = load_file(source / "model.safetensors")

@@ -540,8 +540,7 @@ class GrowSurgery(Surgery):
         self.source_backend = self.output_backend = self.spec.attention_backend
         self.plan = plan_growth(source.config, self.spec, options)
         self.config = target_config(source.config, self.plan)  # transformers' own validation, before any tensor
-        reader = source.reader()
-        self.stored_dtype = reader.describe(self.spec.embed).dtype if self.spec.embed in reader else torch.float32
+        self.stored_dtype = source.stored_dtype()  # the weights' most common dtype, as convert-diff-transformer reads it
         self.out_dtype = options.output_dtype or self.stored_dtype
         self.config.dtype = self.out_dtype
         self.tied = self.spec.is_tied(source.config)
