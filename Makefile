@@ -80,6 +80,6 @@ example: $(STAMP)
 
 # Does differential attention help? The original SmolLM2-135M against V1 (λ = 0), V1 (paper λ_init, long warm-up),
 # DIFF V2 and a grown model, trained alike; losses, curves and every probe before and after (README, "Does it help?").
-# --size cpu: about an hour on 2 cores; on a GPU run `$(BIN)/python examples/value_experiment.py --size gpu`.
+# --size cpu: 58 min on 2 cores when it ran (README, "Does it help?"); on a GPU run `$(BIN)/python examples/value_experiment.py --size gpu`.
 experiment: $(STAMP)
 	$(BIN)/python examples/value_experiment.py --size cpu

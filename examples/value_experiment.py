@@ -1,6 +1,6 @@
 """Does differential attention help a pretrained model? SmolLM2-135M against four surgeries, trained alike.
 
-    make experiment                       # the CPU size (about an hour on 2 cores)
+    make experiment                       # the CPU size (58 min on 2 cores when it ran; README has the table)
     .venv/bin/python examples/value_experiment.py --size gpu      # on a GPU
     .venv/bin/python examples/value_experiment.py --size tiny     # a few steps: checks the pipeline end to end
 
