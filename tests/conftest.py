@@ -74,3 +74,17 @@ def smollm2_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_llama(tmp_path):
     return save_tiny_model(tmp_path / "llama", "llama")
+
+
+# Longest work unit first: `pytest -n 2 --dist loadgroup` hands out work units (a module, or an xdist_group) in
+# collection order, and the Qwen2 group (~3–4 min on one worker) collected last in alphabetical order kept one worker
+# busy after the other had finished. Moved to the front, the other worker takes the rest meanwhile.
+FIRST_GROUPS = ("qwen2",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def first(item) -> bool:
+        marker = item.get_closest_marker("xdist_group")
+        return bool(marker and marker.args and marker.args[0] in FIRST_GROUPS)
+
+    items.sort(key=lambda item: not first(item))

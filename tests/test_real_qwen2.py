@@ -11,6 +11,7 @@ agree within 1e-4 and bf16 logits are bitwise equal on the unpadded positions; g
 and in fp32 within 1e-4 plus twice the source's own fp32 rounding.
 """
 
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from netmorph.options import GrowOptions
-from netmorph.sources import default_texts, resolve_source
+from netmorph.sources import default_texts
 from netmorph.surgery.grow import grow
 from tests.helpers import convert, require_free_space
 from tests.real_models import qwen2_gguf
@@ -36,23 +37,33 @@ GROWTH = dict(num_layers=28, new_layers_at="interleave", intermediate_size=5120,
               head_dim=80, hidden_size=1024)
 
 
-@pytest.fixture(scope="module")
-def qwen2_dir(module_tmp_path):
-    """The GGUF dequantized to an fp32 safetensors directory with its tokenizer (the conversions' source)."""
-    require_free_space(module_tmp_path, QWEN2_FREE_BYTES)
-    source = resolve_source(qwen2_gguf())
-    assert source.config.model_type == "qwen2"
-    dequantized = source.load_model()
-    plain = Qwen2ForCausalLM(dequantized.config)
-    plain.load_state_dict(dequantized.state_dict())
-    directory = module_tmp_path / "qwen2"
-    plain.save_pretrained(directory)
-    source.save_tokenizer(directory)
-    source.save_generation_config(directory)
+# Session scope: under `pytest -n 2 --dist loadgroup` the worker that runs this group may run other modules' tests
+# between two of these, which tears module-scoped fixtures down (measured: the whole setup ran twice, +104 s).
+@pytest.fixture(scope="session")
+def qwen2_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2")
+    require_free_space(root, QWEN2_FREE_BYTES)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(qwen2_root):
+    """The GGUF dequantized to an fp32 safetensors directory with its tokenizer (the conversions' source), by
+    transformers' own GGUF loader as a user would (each GGUF parse takes 10–30 s, so it is parsed twice, not four
+    times as through netmorph's Source)."""
+    gguf = qwen2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    assert type(model) is Qwen2ForCausalLM and model.config.num_hidden_layers == 24
+    model.config.__dict__.pop("quantization_config", None)  # dequantized on load: saved as plain fp32
+    model.hf_quantizer, model.is_quantized = None, False
+    directory = qwen2_root / "qwen2"
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(directory)
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer(qwen2_dir):
     return AutoTokenizer.from_pretrained(str(qwen2_dir))
 
@@ -86,7 +97,7 @@ def greedy(model, ids, mask, **kwargs):
                           pad_token_id=int(ids[0, 0]), **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(qwen2_dir, tokenizer):
     """The original's logits on the real texts (fp32 sdpa and eager, bf16, float64 for the first), its greedy batch."""
     texts = [tokenizer(t, return_tensors="pt").input_ids[:, :TOKENS] for t in default_texts().values()]
@@ -104,9 +115,9 @@ def reference(qwen2_dir, tokenizer):
     return out
 
 
-@pytest.fixture(scope="module")
-def converted(qwen2_dir, module_tmp_path):
-    return {name: convert(qwen2_dir, module_tmp_path / name, **options).output_dir for name, options in VARIANTS.items()}
+@pytest.fixture(scope="session")
+def converted(qwen2_dir, qwen2_root):
+    return {name: convert(qwen2_dir, qwen2_root / name, **options).output_dir for name, options in VARIANTS.items()}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -139,8 +150,8 @@ def test_generation_with_the_kv_cache_equals_the_original(converted, reference, 
     assert torch.equal(greedy(model, ids, mask, use_cache=False), cached)
 
 
-def test_growth_is_exact_on_real_text(qwen2_dir, module_tmp_path, reference):
-    directory = module_tmp_path / "grown"
+def test_growth_is_exact_on_real_text(qwen2_dir, tmp_path, reference):
+    directory = tmp_path / "grown"
     grow(str(qwen2_dir), directory, GrowOptions.build(verify=False, **GROWTH))
     model = load_original(directory)
     for key, value in GROWTH.items():
@@ -162,8 +173,8 @@ def test_growth_is_exact_on_real_text(qwen2_dir, module_tmp_path, reference):
 
 def test_verify_command_passes(qwen2_dir, converted):
     result = subprocess.run(
-        [sys.executable, "-m", "netmorph.cli", "verify", str(qwen2_dir), str(converted["v2"]), "--max-tokens",
-         str(TOKENS), "--new-tokens", "8", "--prompt", PROMPTS[0], "--prompt", PROMPTS[2]],
+        [sys.executable, "-m", "netmorph.cli", "verify", str(qwen2_dir), str(converted["v2"]), "--max-tokens", "64",
+         "--new-tokens", "6", "--prompt", PROMPTS[0], "--prompt", PROMPTS[2]],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "greedy 'def fibonacci(n):': match" in result.stdout
