@@ -76,7 +76,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         before = eval_loss(config["base_model"], args.sequence_len)
         start = time.perf_counter()
-        run("train", path, "--no-progress", "--force")  # a rerun trains again over the last one
+        run("train", path, "--no-progress")
         seconds = time.perf_counter() - start
         rows[name] = (before, eval_loss(config["output_dir"], args.sequence_len), seconds)
 

@@ -158,9 +158,8 @@ def verify_command(original, converted, texts, prompts, max_tokens, new_tokens, 
 @click.option("--output-dir", "-o", help="Override output_dir of the YAML.")
 @click.option("--resume/--no-resume", default=None,
               help="Resume from the newest checkpoint in output_dir (default: the YAML's resume_from_checkpoint).")
-@click.option("--force", is_flag=True, help="Train again over an earlier run in output_dir (its checkpoints are removed).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
-def train_command(config, max_steps, output_dir, resume, force, no_progress):
+def train_command(config, max_steps, output_dir, resume, no_progress):
     """Fine-tune the model of an axolotl-style CONFIG YAML (the config.yml the converter writes works as is).
 
     Reads base_model, datasets / test_datasets (local .txt, .jsonl, .parquet), sequence_len, micro_batch_size,
@@ -172,8 +171,7 @@ def train_command(config, max_steps, output_dir, resume, force, no_progress):
     _setup_logging(False)
     from netmorph.train.run import train
 
-    result = train(config, max_steps=max_steps, output_dir=output_dir, resume=resume, progress=not no_progress,
-                   force=force)
+    result = train(config, max_steps=max_steps, output_dir=output_dir, resume=resume, progress=not no_progress)
     if not result.main_process:
         return  # one report for a multi-process run
     eval_part = f", eval loss {result.eval_loss:.5f}" if result.eval_loss is not None else ""

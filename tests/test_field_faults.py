@@ -508,20 +508,3 @@ def test_a_text_file_that_is_not_text_is_refused(tmp_path, command, content, nam
     args = [tmp_path / "tiny"] * (2 if command == "verify" else 1)
     code, output = run(command, *args, "--text", tmp_path / "text.bin")
     assert one_error_line(code, output) and named in output and "text.bin" in output, output
-
-
-def test_training_into_an_earlier_run_needs_resume_or_force(tmp_path):
-    """train used to write over an earlier run in output_dir, mixing its old checkpoint-* folders with the new run's."""
-    config = tiny_training_yaml(tmp_path, save_steps=1)
-    code, output = run("train", config, "--no-progress")
-    assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    before = (tmp_path / "run" / "model.safetensors").stat().st_mtime_ns
-    code, output = run("train", config, "--no-progress")
-    assert one_error_line(code, output) and "holds an earlier run (checkpoint-1, checkpoint-2" in output, output
-    assert (tmp_path / "run" / "model.safetensors").stat().st_mtime_ns == before  # nothing touched
-    code, output = run("train", config, "--no-progress", "--max-steps", 1, "--force")
-    assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]  # the earlier ones went
-    code, output = run("train", config, "--no-progress", "--max-steps", 2, "--resume")
-    assert code == 0, output

@@ -65,13 +65,9 @@ class TrainResult:
 
 
 def train(config_path: str | Path, max_steps: int | None = None, output_dir: str | None = None,
-          resume: bool | str | None = None, progress: bool = True, force: bool = False) -> TrainResult:
+          resume: bool | str | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune `base_model` on `datasets` as the YAML says, save the model (with its modeling code) in
-    `output_dir`, and return the final figures.
-
-    An `output_dir` that holds an earlier run (a saved model or checkpoint-* folders) is refused unless the run
-    resumes from it or `force` is set; `force` removes the earlier run's checkpoint-* folders first (on the main
-    process), so that a later resume cannot pick up one of them. Raises NetmorphError for any bad input."""
+    `output_dir`, and return the final figures."""
     from transformers import Trainer, TrainingArguments
 
     import netmorph.auto  # noqa: F401  (registers the differential-attention classes with the Auto classes)
@@ -93,16 +89,6 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
             raise NetmorphError(f"--resume: {out} holds no checkpoint-* folder to resume from: drop --resume to start "
                                 "fresh, or pass the output_dir of the run to continue")
         checkpoint = None  # auto_resume_from_checkpoints with nothing saved yet: start fresh
-    earlier = sorted(p.name for p in out.glob("checkpoint-*")) + [n for n in ("config.json", "model.safetensors",
-                                                                              "model.safetensors.index.json")
-                                                                    if (out / n).exists()]
-    if earlier and checkpoint in (None, False):
-        if not force:
-            raise NetmorphError(f"output_dir {out} holds an earlier run ({', '.join(earlier[:3])}): pass --resume to "
-                                "continue it, --force to train again over it, or choose another output_dir")
-        if int(os.environ.get("RANK", "0")) == 0:
-            for stale in out.glob("checkpoint-*"):
-                shutil.rmtree(stale)
     if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().is_dir():
         raise NetmorphError(f"{config_path}: resume_from_checkpoint {checkpoint} is not a checkpoint folder: point it "
                             f"at a checkpoint-N folder of an earlier run, or drop it")
