@@ -469,12 +469,21 @@ def test_a_distributed_key_that_would_train_plain_is_refused(tmp_path, keys, nam
 
 def test_resume_without_a_checkpoint_is_refused_before_training(tmp_path):
     config = tiny_training_yaml(tmp_path)
+    run_dir = tmp_path / "run"
     code, output = run("train", config, "--resume")
-    assert one_error_line(code, output) and "no checkpoint-* folder" in output, output
-    assert not (tmp_path / "run").exists()
-    config.write_text(config.read_text() + f"resume_from_checkpoint: {tmp_path / 'run' / 'checkpoint-9'}\n")
-    code, output = run("train", config)
-    assert one_error_line(code, output) and "checkpoint-9 is not a checkpoint folder" in output, output
+    assert one_error_line(code, output) and "no checkpoint-N folder" in output, output
+    assert not run_dir.exists()
+    (run_dir / "checkpoint-notes").mkdir(parents=True)  # stray names, and a step folder without trainer_state.json
+    (run_dir / "checkpoint-3").mkdir()
+    (run_dir / "checkpoint-4.txt").write_text("x")
+    code, output = run("train", config, "--resume")
+    assert one_error_line(code, output) and "no checkpoint-N folder" in output, output
+    text = config.read_text()
+    # '' used to pass as "." (a folder); "." and a folder without trainer_state.json reached the Trainer's traceback
+    for value in ("''", ".", str(tmp_path / "tiny"), str(run_dir / "checkpoint-9")):
+        config.write_text(text + f"resume_from_checkpoint: {value}\n")
+        code, output = run("train", config)
+        assert one_error_line(code, output) and "is not a Trainer checkpoint folder" in output, (value, output)
 
 
 def test_a_failed_probe_leaves_the_earlier_results_whole(tmp_path, monkeypatch):

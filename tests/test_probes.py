@@ -368,5 +368,5 @@ def test_quantization_rows_say_which_share_of_the_weights_they_quantized():
 
     table = ProbeReport({}, [ModelProbes(model="moe", differential=False, quantization=result)]).table()
     fraction = rows["weights int8"].quantized_fraction
-    assert f"weights int8 quantized {fraction:.0%} of the decoder layers' weights" in table
+    assert f"weights int8 quantized {fraction:.1%} of the decoder layers' weights" in table
     assert [line.split()[-2:] for line in table.splitlines() if line.startswith("weights int4")] == [["none", "quantized"]]

@@ -231,9 +231,10 @@ def report_table(report: ProbeReport) -> str:
             lines.append(f"{row.name:<40}" + "".join(f" {_delta(m.quantization.rows[index]):>18}" for m in models))
         partial = [(m, row) for m in models for row in m.quantization.rows if row.quantized_fraction < 1.0]
         for m, row in partial:
-            lines.append(f"  {Path(m.model).name}: {row.name} quantized {row.quantized_fraction:.0%} of the decoder "
-                         f"layers' weights ({row.quantized_linears} linears; {row.skipped_linears} skipped, the rest "
-                         "outside nn.Linear, e.g. MoE experts)")
+            skipped = f", {row.skipped_linears} skipped (input width not a multiple of 32)" if row.skipped_linears else ""
+            lines.append(f"  {Path(m.model).name}: {row.name} quantized {row.quantized_fraction:.1%} of the decoder "
+                         f"layers' weights ({row.quantized_linears} nn.Linear quantized{skipped}; weights outside "
+                         "nn.Linear — MoE experts, GPT-2's Conv1D — are never quantized)")
     return "\n".join(lines)
 
 

@@ -84,14 +84,13 @@ def train(config_path: str | Path, max_steps: int | None = None, output_dir: str
     checkpoint = resume if resume is not None else settings.resume_from_checkpoint
     if checkpoint is None and settings.auto_resume_from_checkpoints:
         checkpoint = True
-    if checkpoint is True and not any(out.glob("checkpoint-*")):
+    if checkpoint is True and not saved_checkpoints(out):
         if resume is True:  # asked for on the command line: starting over instead would hide a wrong output_dir
-            raise NetmorphError(f"--resume: {out} holds no checkpoint-* folder to resume from: drop --resume to start "
-                                "fresh, or pass the output_dir of the run to continue")
+            raise NetmorphError(f"--resume: {out} holds no checkpoint-N folder with a trainer_state.json to resume "
+                                "from: drop --resume to start fresh, or pass the output_dir of the run to continue")
         checkpoint = None  # auto_resume_from_checkpoints with nothing saved yet: start fresh
-    if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().is_dir():
-        raise NetmorphError(f"{config_path}: resume_from_checkpoint {checkpoint} is not a checkpoint folder: point it "
-                            f"at a checkpoint-N folder of an earlier run, or drop it")
+    if isinstance(checkpoint, str):
+        checkpoint = str(_checkpoint_folder(checkpoint, config_dir, config_path))
 
     precision = training_precision(settings, source, config_path)
     limit = context_length(source.config)
@@ -211,6 +210,24 @@ def training_precision(settings, source: Source, config_path) -> Precision:
     base = source.stored_dtype()
     return Precision(torch.float32, base, "the base model's dtype; set float32: true in the YAML to keep fp32",
                      bf16, settings.fp16)
+
+
+def saved_checkpoints(output_dir: Path) -> list[Path]:
+    """The Trainer's checkpoint folders in `output_dir`: `checkpoint-<step>` folders holding a trainer_state.json."""
+    return [p for p in output_dir.glob("checkpoint-*")
+            if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+
+
+def _checkpoint_folder(value: str, config_dir: Path, config_path) -> Path:
+    """`resume_from_checkpoint` as a folder: relative to the current directory, else to the YAML's (as datasets
+    are). Raises NetmorphError unless it holds the trainer_state.json every Trainer checkpoint has."""
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [path, config_dir / path]
+    for candidate in candidates:
+        if value.strip() and (candidate / "trainer_state.json").is_file():
+            return candidate
+    raise NetmorphError(f"{config_path}: resume_from_checkpoint {value!r} is not a Trainer checkpoint folder (no "
+                        "trainer_state.json in it): point it at a checkpoint-N folder of an earlier run, or drop it")
 
 
 def strategy_arguments(settings: TrainingYaml, config_path, config_dir: Path) -> dict:
