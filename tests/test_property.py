@@ -67,8 +67,10 @@ def live_configs(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(live_configs())
 def test_random_configs_with_a_live_negative_branch_match_the_reference(params):
-    """float64, tolerance 1e-5 (transformers' stock RMSNorm and RoPE tables compute in fp32 even in float64; see
-    tests/test_reference.py). λ vectors, negative q/k rows (V2: lambda_proj, odd query heads) get N(0, scale²)."""
+    """float64, tolerance 2e-5: transformers' stock RMSNorm and RoPE tables compute in fp32 even in float64 (see
+    tests/test_reference.py), an error that grows with the logits' size — a fresh-clone run drew a 2-layer llama
+    (8/4 heads of 4, untied, mix 1, scale 1, seed 2) at 1.01e-5, past the earlier 1e-5, while a wrong formula (λ sign,
+    RoPE pairing) is off by ≥ 1e-2. λ vectors, negative q/k rows (V2: lambda_proj, odd query heads) get N(0, scale²)."""
     family, layout, mix, scale, seed, length = (params.pop(k) for k in ("family", "layout", "mix", "scale", "seed",
                                                                          "length"))
     options = {"doubled": {}, "split": {"split_heads": True}, "v2": {"variant": "v2"}}[layout]
@@ -91,4 +93,4 @@ def test_random_configs_with_a_live_negative_branch_match_the_reference(params):
             positions = torch.arange(length)[None].expand(ids.shape[0], -1)
             ours = model(ids, use_cache=False).logits
         expected = reference_logits(model.state_dict(), model.config.to_dict(), ids, positions)
-        assert (ours - expected).abs().max().item() <= 1e-5
+        assert (ours - expected).abs().max().item() <= 2e-5
